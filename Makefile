@@ -1,0 +1,24 @@
+# The two quick-start commands are `make demo` and `make test`; both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch is installed only when the environment has no torch yet.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/nxtrec predict examples/scene.jpg --top-k 10
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/nxtrec bench infer --preset nxtp-1.78b --top-k 20 --steps 3 --baseline

@@ -1,0 +1,5 @@
+import sys
+
+from nxtrec.cli import main
+
+sys.exit(main())

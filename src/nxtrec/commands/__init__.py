@@ -1,0 +1,1 @@
+"""Sub-commands of the `nxtrec` CLI, one module each (see nxtrec/cli.py)."""

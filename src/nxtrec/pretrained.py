@@ -1,0 +1,200 @@
+"""Model directories: `config.json` + `model.safetensors` + `tokenizer.model`, one folder,
+loadable by one call; presets and random initialisation (`nxtrec init-model`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nxtrec.config import DecoderConfig, EncoderConfig, ModelConfig, llama_hidden_dim
+from nxtrec.errors import NxtrecError
+from nxtrec.model import NxtpModel
+from nxtrec.tokenizer import Tokenizer, pad_tokenizer, train_tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(NxtrecError):
+    pass
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).parent / "assets" / "default-model"
+
+
+# ---------------------------------------------------------------------------------------
+# loading and saving
+# ---------------------------------------------------------------------------------------
+
+
+def check_state_dict(expected: dict, got: dict, source: str, allow_missing=()) -> None:
+    """Every expected tensor present with the expected shape, nothing unexpected; the error
+    names the key and both shapes."""
+    for key, ref in expected.items():
+        if key not in got:
+            if not any(key.startswith(p) for p in allow_missing):
+                raise CheckpointError(f"{source}: missing tensor {key!r} (expected shape {tuple(ref.shape)})")
+        elif tuple(got[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(got[key].shape)}, the model expects {tuple(ref.shape)}"
+            )
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+
+
+def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, empty: bool = False) -> NxtpModel:
+    """A model with random weights, or with uninitialised storage when `empty` (about to be
+    filled from a checkpoint, which saves initialising billions of parameters)."""
+    if empty:
+        with torch.device("meta"):
+            model = NxtpModel(config)
+        return model.to_empty(device=device).to(dtype)
+    with torch.device(device):
+        return NxtpModel(config).to(dtype)
+
+
+def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "float32"):
+    """Load (model, tokenizer) from a model directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory not found (expected {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE})")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE} and {TOKENIZER_FILE}")
+    config = ModelConfig.load(path / CONFIG_FILE)
+    tokenizer = Tokenizer(path / TOKENIZER_FILE, config.special_tokens, config.delimiter)
+    if tokenizer.vocab_size != config.decoder.vocab_size:
+        raise CheckpointError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens with the special tokens, config says vocab_size {config.decoder.vocab_size}"
+        )
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot read safetensors file ({e})") from None
+    model = build_model(config, device, dtype, empty=True)
+    check_state_dict(model.state_dict(), state, str(path / WEIGHTS_FILE))
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval(), tokenizer
+
+
+def save_model_dir(model: NxtpModel, tokenizer_file: str | Path, out: str | Path) -> Path:
+    """Write a model directory. Files are written to a temporary folder next to `out` and
+    moved into place, so an interrupted save never leaves a half-written model."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.save(tmp / CONFIG_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if Path(tokenizer_file).resolve() != (tmp / TOKENIZER_FILE).resolve():
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        out.mkdir(exist_ok=True)
+        for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------
+
+VIT_L14 = EncoderConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224)
+LLAMA2_7B = dict(dim=4096, n_heads=32, hidden_dim=llama_hidden_dim(4096), norm_eps=1e-5, rope_theta=10000.0)
+
+PRESETS: dict[str, tuple[EncoderConfig, dict]] = {
+    # The released architectures.
+    "nxtp-1.78b": (VIT_L14, dict(LLAMA2_7B, n_layers=6)),
+    "nxtp-0.77b": (VIT_L14, dict(LLAMA2_7B, n_layers=1)),
+    # Small ones of the same architecture, for tests, benchmarks and the demo model.
+    "tiny": (
+        EncoderConfig(width=64, layers=2, heads=4, patch_size=16, image_size=64),
+        dict(dim=64, n_layers=2, n_heads=4, hidden_dim=llama_hidden_dim(64, multiple_of=16)),
+    ),
+    "small": (
+        EncoderConfig(width=256, layers=4, heads=4, patch_size=32, image_size=224),
+        dict(dim=256, n_layers=4, n_heads=4, hidden_dim=llama_hidden_dim(256, multiple_of=32)),
+    ),
+}
+FULL_PRESETS = ("nxtp-1.78b", "nxtp-0.77b")
+
+# Words the small presets' tokenizer is trained on: the prompt templates and everyday labels.
+_NOUNS = (
+    "dog cat car tree apple banana umbrella chair table sofa couch room window door house "
+    "person man woman child boy girl bird horse cow sheep bicycle bus train truck boat plane "
+    "airplane sky cloud water sea beach sand grass flower plant road street city building wall "
+    "floor rug lamp book cup mug bottle glass plate bowl pizza cake bread cheese orange kitchen "
+    "phone computer screen keyboard clock bed pillow blanket shirt hat shoe bag ball game rocket "
+    "smoke tower mountain river bridge snow rain sun moon star light fire candle box paper word "
+    "letter logo text picture photo art painting mirror fence field forest leaf rock stone"
+).split()
+TEMPLATES = (
+    "The objects in the image are",
+    "The items present in the picture are",
+    "The elements depicted in the image are",
+    "The objects shown in the photograph are",
+    "The items visible in the image are",
+    "The objects that appear in the picture are",
+    "The elements featured in the image are",
+    "The items captured in the photograph are",
+    "The elements seen in the picture are",
+    "The items represented in the image are",
+)
+
+
+def small_tokenizer_corpus() -> list[str]:
+    lines = []
+    for i, t in enumerate(TEMPLATES * 20):
+        words = [_NOUNS[(i * 7 + j * 13) % len(_NOUNS)] for j in range(3 + i % 5)]
+        lines.append(f"{t} " + ", ".join(words))
+        lines.append(f"a {words[0]} and two {words[1]}s next to the {words[-1]}.")
+    return lines
+
+
+def make_tokenizer(out_file: str | Path, n_pieces: int | None = None) -> Path:
+    """A real SentencePiece model trained on the spot; padded with unused pieces to
+    `n_pieces` (e.g. 32000 for real-sized embedding matrices in benchmarks)."""
+    out_file = Path(out_file)
+    train_tokenizer(small_tokenizer_corpus(), out_file, vocab_size=400, pieces=[","])
+    if n_pieces:
+        pad_tokenizer(out_file, out_file, n_pieces)
+    return out_file
+
+
+def preset_config(name: str, vocab_size: int) -> ModelConfig:
+    if name not in PRESETS:
+        raise NxtrecError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    enc, dec = PRESETS[name]
+    return ModelConfig(encoder=EncoderConfig(**vars(enc)), decoder=DecoderConfig(**dec, vocab_size=vocab_size))
+
+
+def init_model(preset: str, out: str | Path, tokenizer: str | Path | None = None, seed: int = 0) -> Path:
+    """Write a randomly initialised model directory for `preset`. Without `tokenizer`, small
+    presets get a freshly trained small SentencePiece model and full presets a synthetic
+    32000-piece one (fine for benchmarks, not for real use)."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is None:
+            tokenizer = make_tokenizer(Path(tmp) / TOKENIZER_FILE, 32000 if preset in FULL_PRESETS else None)
+        tok = Tokenizer(tokenizer, ModelConfig().special_tokens)
+        config = preset_config(preset, tok.vocab_size)
+        config.description = f"random initialisation of preset {preset} (seed {seed})"
+        torch.manual_seed(seed)
+        model = build_model(config)
+        return save_model_dir(model, tokenizer, out)

@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "bench",
     "data",
     "evaluate",
+    "train",
+    "onnx",
 ]
 
 

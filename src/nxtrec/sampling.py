@@ -102,11 +102,13 @@ def one_shot(
     delimiter_id: int,
     max_label_tokens: int = MAX_LABEL_TOKENS,
     steps: int | None = None,
+    prefix=None,
 ) -> list[list[Branch]]:
     """k branches per image. `steps` (benchmarks) fixes the number of greedy steps after the
-    first top-k step and keeps every branch running, as the reference does."""
+    first top-k step and keeps every branch running, as the reference does. `prefix` is the
+    result of `prefill` when the caller ran it already."""
     dec = model.language_decoder
-    logits, prefix_kvs, prefix_len = prefill(model, image_tokens, prompt_ids)
+    logits, prefix_kvs, prefix_len = prefix or prefill(model, image_tokens, prompt_ids)
     first_p, tokens = _first_tokens(logits, k)
     n = tokens.shape[0]
     seqs = [[t] for t in tokens.tolist()]
@@ -147,13 +149,17 @@ def one_shot_no_cache(
     delimiter_id: int,
     max_label_tokens: int = MAX_LABEL_TOKENS,
     steps: int | None = None,
+    prefix_logits: torch.Tensor | None = None,
 ) -> list[list[Branch]]:
     """The reference's algorithm: every step re-runs the whole sequence of all k branches
-    (no cache, finished branches still computed). Same results as `one_shot`, much slower."""
+    (no cache, finished branches still computed). Same results as `one_shot`, much slower.
+    `prefix_logits`: the prefix's next-token logits when the caller computed them already."""
     dec = model.language_decoder
     x = model.prefix_embeddings(image_tokens, prompt_ids)
     num_image_tokens = image_tokens.shape[1]
-    logits, _ = dec(x, inference_mask(x.shape[1], num_image_tokens, x.device, x.dtype), last_only=True)
+    logits = prefix_logits
+    if logits is None:
+        logits, _ = dec(x, inference_mask(x.shape[1], num_image_tokens, x.device, x.dtype), last_only=True)
     first_p, tokens = _first_tokens(logits, k)
     seqs = [[t] for t in tokens.tolist()]
     probs = [[p] for p in first_p]

@@ -1,0 +1,40 @@
+"""Shared fixtures: real SentencePiece tokenizers and tiny random models of the real
+architecture, saved and loaded through the real model-directory format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nxtrec.pretrained import build_model, init_model, make_tokenizer, preset_config
+from nxtrec.tokenizer import Tokenizer
+
+SPECIAL = ["<|image|>", "<|empty|>"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_file):
+    return Tokenizer(tokenizer_file, SPECIAL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return init_model("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+def tiny_model(tokenizer, n_layers=2, seed=0, delimiter_bias=2.0):
+    """A tiny random model whose delimiter logit is raised, so that branches end after
+    varied numbers of tokens (random layouts of delimiters) instead of all hitting the cap."""
+    cfg = preset_config("tiny", tokenizer.vocab_size)
+    cfg.decoder.n_layers = n_layers
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        direction = torch.nn.functional.normalize(torch.randn(cfg.decoder.dim), dim=0)
+        model.language_decoder.output.weight[tokenizer.delimiter_id] += delimiter_bias * direction
+    return model

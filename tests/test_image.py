@@ -1,0 +1,83 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nxtrec.image import ImageError, center_crop, list_images, load_image, preprocess_array, resize_shorter_side
+
+
+def _png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_preprocess_follows_clip_resize_crop_normalise():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    out = preprocess_array(img, 224)
+    assert out.shape == (3, 224, 224) and out.dtype == np.float32
+    # torchvision's rules: shorter side -> 224, longer int(224 * 451 / 300) = 336; crop offsets rounded
+    resized = img.resize((336, 224), Image.BICUBIC)
+    left = int(round((336 - 224) / 2.0))
+    crop = np.asarray(resized.crop((left, 0, left + 224, 224)), dtype=np.float32) / 255.0
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    np.testing.assert_array_equal(out, ((crop - mean) / std).transpose(2, 0, 1))
+    assert resize_shorter_side(Image.new("RGB", (224, 500)), 224).size == (224, 500)
+    assert center_crop(Image.new("RGB", (3, 500)), 224).size == (224, 224)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "RGBA", "LA", "L", "P", "I;16", "1"])
+def test_odd_modes_become_rgb(mode, tmp_path):
+    arr = np.random.default_rng(1).integers(0, 255, (40, 50), dtype=np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(arr.astype(np.uint16) * 257)
+        assert img.mode == "I;16"
+        path = tmp_path / "x.png"
+        img.save(path)
+        out = load_image(path)
+        # 16-bit values are rescaled, not clipped to white
+        assert np.abs(np.asarray(out)[..., 0].astype(int) - arr).max() <= 1
+    else:
+        img = Image.fromarray(arr).convert(mode)
+        if mode == "P":
+            img.info["transparency"] = 0
+        ext = "jpg" if mode == "CMYK" else "png"
+        path = tmp_path / f"x.{ext}"
+        img.save(path)
+        out = load_image(path)
+    assert out.mode == "RGB" and out.size == (50, 40)
+    assert preprocess_array(out, 32).shape == (3, 32, 32)
+
+
+def test_bad_files_give_one_line_errors(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    good = _png_bytes(Image.new("RGB", (64, 64), (10, 200, 30)))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good[: len(good) // 2])
+    for path, reason in [(empty, "not an image"), (text, "not an image"), (truncated, "cannot decode"),
+                         (tmp_path / "missing.jpg", "no such file"), (tmp_path, "is a directory")]:
+        with pytest.raises(ImageError) as e:
+            load_image(path)
+        assert str(path) in str(e.value) and reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    # A real 20000 x 20000 PNG header (1-bit, so the file stays small).
+    img = Image.new("1", (20000, 20000))
+    path = tmp_path / "bomb.png"
+    img.save(path, optimize=False)
+    with pytest.raises(ImageError, match="too large"):
+        load_image(path)
+
+
+def test_list_images_expands_folders(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ["b.jpg", "a.PNG", "sub/c.webp", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert list_images([tmp_path, "other.jpg"]) == [str(tmp_path / "a.PNG"), str(tmp_path / "b.jpg"), str(tmp_path / "sub/c.webp"), "other.jpg"]

@@ -20,6 +20,22 @@ class ConfigError(NxtrecError):
     pass
 
 
+# The ten prompt templates of the released training recipe (DESIGN.md section 6); the first
+# is the inference prompt.
+TEMPLATES = (
+    "The objects in the image are",
+    "The items present in the picture are",
+    "The elements depicted in the image are",
+    "The objects shown in the photograph are",
+    "The items visible in the image are",
+    "The objects that appear in the picture are",
+    "The elements featured in the image are",
+    "The items captured in the photograph are",
+    "The elements seen in the picture are",
+    "The items represented in the image are",
+)
+
+
 @dataclass
 class EncoderConfig:
     """OpenAI CLIP ViT: `width`, `layers`, `heads`, `patch_size`, input `image_size`."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nxtrec.config import DecoderConfig, EncoderConfig, ModelConfig, llama_hidden_dim
+from nxtrec.config import TEMPLATES, DecoderConfig, EncoderConfig, ModelConfig, llama_hidden_dim
 from nxtrec.errors import NxtrecError
 from nxtrec.model import NxtpModel
 from nxtrec.tokenizer import Tokenizer, pad_tokenizer, train_tokenizer
@@ -134,7 +134,7 @@ PRESETS: dict[str, tuple[EncoderConfig, dict]] = {
 }
 FULL_PRESETS = ("nxtp-1.78b", "nxtp-0.77b")
 
-# Words the small presets' tokenizer is trained on: the prompt templates and everyday labels.
+# Words the small presets' tokenizer is trained on (with the prompt templates): everyday labels.
 _NOUNS = (
     "dog cat car tree apple banana umbrella chair table sofa couch room window door house "
     "person man woman child boy girl bird horse cow sheep bicycle bus train truck boat plane "
@@ -144,18 +144,6 @@ _NOUNS = (
     "smoke tower mountain river bridge snow rain sun moon star light fire candle box paper word "
     "letter logo text picture photo art painting mirror fence field forest leaf rock stone"
 ).split()
-TEMPLATES = (
-    "The objects in the image are",
-    "The items present in the picture are",
-    "The elements depicted in the image are",
-    "The objects shown in the photograph are",
-    "The items visible in the image are",
-    "The objects that appear in the picture are",
-    "The elements featured in the image are",
-    "The items captured in the photograph are",
-    "The elements seen in the picture are",
-    "The items represented in the image are",
-)
 
 
 def small_tokenizer_corpus() -> list[str]:

@@ -127,7 +127,7 @@ def one_shot(
             break
         logits, own_kvs = dec.step(tokens, prefix_len + step, prefix_kvs, _groups([owner[i] for i in active]), own_kvs)
         p, nxt = logits.float().softmax(-1).max(-1)
-        for row, (branch, t, pt) in enumerate(zip(active, nxt.tolist(), p.tolist())):
+        for branch, t, pt in zip(active, nxt.tolist(), p.tolist()):
             seqs[branch].append(t)
             probs[branch].append(pt)
         if stop_at_delimiter:

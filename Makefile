@@ -9,6 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# The synthetic-scenes generator draws Noto Color Emoji glyphs (Debian package).
+	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || \
+		{ apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji; } || \
+		echo "warning: install fonts-noto-color-emoji for nxtrec synth"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"

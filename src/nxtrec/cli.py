@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "evaluate",
     "train",
     "onnx",
+    "synth",
 ]
 
 

@@ -24,6 +24,7 @@ EMOJI_FONT_PATHS = (
     "/usr/local/share/fonts/NotoColorEmoji.ttf",
 )
 EMOJI_BITMAP_SIZE = 109  # the only size Noto Color Emoji's bitmaps come in
+TOKENIZER_PIECES = 1000  # with byte fallback: every caption word becomes one or two pieces
 
 
 @dataclass(frozen=True)
@@ -315,10 +316,13 @@ def generate(out: str | Path, n: int, seed: int = 0, n_val: int | None = None, s
     """Render `n` training scenes and `n_val` held-out scenes (default 5%, at least 1) and pack
     them into `out/train` and `out/val` shards through the normal packer, so ground-truth
     labels are extracted from the captions by the normal label backend. The true objects are
-    kept in each sample's metadata (`objects`). Returns the two pack summaries."""
+    kept in each sample's metadata (`objects`). Also writes `out/tokenizer.model`, a
+    SentencePiece model trained on the training captions. Returns the two pack summaries."""
     from tqdm import tqdm
 
+    from nxtrec.config import TEMPLATES
     from nxtrec.pack import PackOptions, Record, pack
+    from nxtrec.tokenizer import train_tokenizer
 
     out = Path(out)
     n_val = max(1, n // 20) if n_val is None else n_val
@@ -339,6 +343,10 @@ def generate(out: str | Path, n: int, seed: int = 0, n_val: int | None = None, s
                 tmp.replace(path)
             records.append(Record(key, str(path), caption, f"images/{split}/{key}.jpg",
                                   extra={"objects": sorted({o.name for o in objects})}))
+        if split == "train":
+            # The demo model's vocabulary: the captions (hence every label) and the prompts.
+            texts = [r.caption for r in records] + list(TEMPLATES)
+            train_tokenizer(texts, out / "tokenizer.model", vocab_size=TOKENIZER_PIECES, pieces=[","])
         options = PackOptions(shard_size=shard_size, backend=backend)
         summaries[split] = pack(records, out / split, kind="synth", split=split, options=options,
                                 workers=workers, progress=progress)

@@ -26,3 +26,17 @@ def test_eval_predicts_once_scores_several_k_and_writes_tables(tiny_model_dir, t
     assert main(["score", str(out.with_suffix(".jsonl")), "--top-k", "5", "10"]) == 0
     rescored = capsys.readouterr().out.splitlines()
     assert rescored == table
+
+
+def test_evaluation_inside_training_logs_rpf1(tmp_path):
+    from nxtrec.train import read_metrics
+
+    generate(tmp_path / "synth", n=16, n_val=6, size=64, shard_size=8, progress=False)
+    run = tmp_path / "run"
+    code = main(["train", "tiny-cpu", "--set", f'data.shards=["{tmp_path}/synth/train/*.tar"]', "--set", "train.max_steps=4",
+                 "--set", "eval.every=2", "--set", f'eval.data="{tmp_path}/synth/val"', "--set", "eval.images=4",
+                 "--set", f'run.dir="{run}"', "--set", "log.progress=false"])
+    assert code == 0
+    evals = [m for m in read_metrics(run) if "eval_F1@5" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all(0 <= m[f"eval_{x}@{k}"] <= 1 for m in evals for x in ("R", "P", "F1") for k in (5, 10))

@@ -955,6 +955,8 @@ def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
                 eta = elapsed / (step - start) * (total - step)
                 _say(info, f"step {step}/{total}  loss {loss:.4f}  lr {lr:.3e}  {images / dt:.1f} img/s  "
                            f"elapsed {_hms(elapsed)}  eta {_hms(eta)}")
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
+                metrics.write(evaluate_during_training(tr, step))
             if step % cfg.checkpoint.every == 0 or step == total:
                 save_checkpoint(tr, run_dir, step, source)
             if cfg.run.kill_after_steps and step == cfg.run.kill_after_steps:
@@ -973,6 +975,33 @@ def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
     _barrier(info)
     return {"run_dir": str(run_dir), "step": step, "total_steps": total, "loss": last.get("loss"),
             "final": str(final) if final else None, "checkpoint": str(checkpoint_dirs(run_dir)[-1][1]) if checkpoint_dirs(run_dir) else None}
+
+
+def evaluate_during_training(tr: Trainer, step: int) -> dict:
+    """R/P/F1 of the current weights on the first `eval.images` validation images (main rank
+    only; the other ranks wait at their next collective)."""
+    from nxtrec.data import build_loader
+    from nxtrec.evaluate import predict_records, score
+    from nxtrec.recognizer import Recognizer
+
+    cfg = tr.cfg.eval
+    if not cfg.data:
+        raise TrainConfigError("eval.every is set but eval.data names no validation shards")
+    if tr.cfg.train.parallel == "fsdp":
+        raise TrainConfigError("eval.every needs whole weights on the main rank: use train.parallel = \"ddp\"")
+    if not tr.info.main:
+        return {}
+    rec = Recognizer(tr.model, tr.tokenizer, tr.info.device)
+    loader = build_loader(cfg.data, tr.cfg.data.registry or None, batch_size=cfg.batch_size,
+                          image_size=tr.model.config.encoder.image_size, num_workers=0, rank=0, world_size=1)
+    with torch.inference_mode():
+        records = predict_records(rec, loader, max(cfg.top_k), limit=cfg.images, progress=False)
+    tr.model.train()
+    record = {"step": step}
+    for k, s in score(records, sorted(cfg.top_k)).items():
+        record.update({f"eval_R@{k}": s.recall, f"eval_P@{k}": s.precision, f"eval_F1@{k}": s.f1})
+    _say(tr.info, "eval at step {}: {}".format(step, "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")))
+    return record
 
 
 def _text_batch(tr: Trainer, labels, rng: random.Random, model_config) -> TextBatch:

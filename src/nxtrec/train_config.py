@@ -133,6 +133,15 @@ class LogSection:
 
 
 @dataclass
+class EvalSection:
+    every: int = 0  # optimizer steps between evaluations on the main rank (0 = off)
+    data: str = ""  # validation shards: a registry name, a shard folder or a pattern
+    images: int = 64  # the first N images of `data`
+    top_k: list[int] = field(default_factory=lambda: [5, 10])
+    batch_size: int = 16
+
+
+@dataclass
 class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -143,6 +152,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

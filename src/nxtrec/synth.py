@@ -329,6 +329,8 @@ def generate(out: str | Path, n: int, seed: int = 0, n_val: int | None = None, s
     splits = {"train": (n, random.Random(seed)), "val": (n_val, random.Random(f"val-{seed}"))}
     summaries = {}
     for split, (count, rng) in splits.items():
+        if count == 0:  # e.g. only the held-out split, to evaluate a model
+            continue
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         records = []

@@ -50,9 +50,15 @@ def run(args) -> int:
         print("nxtrec predict: no images found", file=sys.stderr)
         return 1
     if args.onnx:
+        from nxtrec.errors import NxtrecError
         from nxtrec.onnx_runtime import predict_paths
 
-        results = predict_paths(args.onnx, paths, top_k=args.top_k, batch_size=args.batch_size)
+        if args.sampler != "one-shot":
+            raise NxtrecError("--onnx runs one-shot sampling only; drop --sampler")
+        if args.model:
+            raise NxtrecError("give either --model or --onnx, not both")
+        results = predict_paths(args.onnx, paths, top_k=args.top_k, batch_size=args.batch_size,
+                                extra_k=args.extra_k, ranking=args.ranking)
     else:
         results = _predict_torch(args, paths)
     failed = 0

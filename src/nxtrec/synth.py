@@ -301,7 +301,7 @@ def write_caption(rng, kinds_counts, objects) -> str:
         second = next(o for o in objects if o.name == kinds_counts[1][0].name)
         text = f"{phrases[0]} {_relation(first, second)} {_join(phrases[1:])}"
     else:
-        forms = ["{}", "there {} {}", "{} drawn"] + (["{} together"] if len(objects) > 1 else [])
+        forms = ["{}", "there {} {}", "{} here"] + (["{} together"] if len(objects) > 1 else [])
         form = rng.choice(forms)
         if form.startswith("there"):
             text = form.format("are" if kinds_counts[0][1] > 1 else "is", _join(phrases))

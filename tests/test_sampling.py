@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from nxtrec.sampling import Branch, beam_search, greedy, one_shot, one_shot_no_cache, rank_labels
+from nxtrec.ranking import Branch, rank_labels
+from nxtrec.sampling import beam_search, greedy, one_shot, one_shot_no_cache
 
 
 def _prompt(model, tokenizer):
@@ -78,11 +79,11 @@ def test_ranking_merges_duplicates_and_orders():
 
 
 def test_sim_ranking_prefers_labels_close_to_the_image():
-    emb = torch.eye(4)
-    image = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    emb = torch.eye(4).numpy()
+    image = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).numpy()
     decode = lambda ids: str(ids[0])
     labels = rank_labels([Branch([1], [0.9, 1.0]), Branch([0], [0.1, 1.0])], decode, "sim",
-                         token_embeddings=emb, image_tokens=image, delimiter_id=3)
+                         embed_tokens=lambda ids: emb[ids], image_tokens=image, delimiter_id=3)
     assert [l.label for l in labels] == ["0", "1"]
     assert labels[0].score < labels[1].score
 

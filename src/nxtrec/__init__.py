@@ -10,7 +10,7 @@ def __getattr__(name):
 
         return Recognizer
     if name == "Label":
-        from nxtrec.sampling import Label
+        from nxtrec.ranking import Label
 
         return Label
     raise AttributeError(name)

@@ -52,6 +52,7 @@ import torch.nn as nn
 from nxtrec.config import ModelConfig
 from nxtrec.errors import NxtrecError
 from nxtrec.model import Decoder, NxtpModel, inference_mask, rope_cos_sin
+from nxtrec.ranking import MAX_LABEL_TOKENS  # recorded in the JSON
 from nxtrec.tokenizer import Tokenizer
 
 MANIFEST = "nxtrec-onnx.json"
@@ -67,8 +68,6 @@ FILES = {
 ENCODER_DATA = "encoder.onnx.data"
 DECODER_DATA = "decoder.data"
 RELEASED_FILES = ("encoder.onnx", "Wte.npz", "decoder_p1.onnx", "decoder_p2.onnx", "decoder_p3.onnx")
-# Same cap as nxtrec.sampling.MAX_LABEL_TOKENS (the reference's 19 updates), recorded in the JSON.
-MAX_LABEL_TOKENS = 19
 OPSET = 18
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Large external tensors are aligned so ONNX Runtime can memory-map them.

@@ -23,10 +23,7 @@ from the tokenizer and the configuration, never from constants.
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,41 +31,17 @@ import numpy as np
 from nxtrec.config import ModelConfig
 from nxtrec.errors import NxtrecError
 from nxtrec.image import ImageError, load_image, preprocess_array
+from nxtrec.ranking import MAX_LABEL_TOKENS, Branch, Label, rank_labels, to_branches
 from nxtrec.tokenizer import Tokenizer
 
 MANIFEST = "nxtrec-onnx.json"
 RELEASED_DECODER = re.compile(r"decoder_p(\d+)\.onnx$")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-RANKINGS = ("prob", "ppl", "sim", "none")
-# The reference stops after 19 updates (the first top-k step counts as one) and closes every
-# branch with a delimiter of probability 1 (nxtrec.sampling.MAX_LABEL_TOKENS).
-MAX_LABEL_TOKENS = 19
 
 
 class OnnxRuntimeError(NxtrecError):
     pass
-
-
-@dataclass
-class Label:
-    """Same fields and `to_dict` as `nxtrec.sampling.Label` (that module needs torch)."""
-
-    label: str
-    prob: float
-    score: float | None = None
-
-    def to_dict(self) -> dict:
-        d = {"label": self.label, "prob": self.prob}
-        if self.score is not None:
-            d["score"] = self.score
-        return d
-
-
-@dataclass
-class Branch:
-    tokens: list[int]
-    probs: list[float]
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,52 +98,6 @@ def inference_mask(seq_len: int, num_image_tokens: int, dtype=np.float32) -> np.
     i = np.arange(seq_len)
     allowed = (i[None, :] <= i[:, None]) | ((i[:, None] < num_image_tokens) & (i[None, :] < num_image_tokens))
     return np.where(allowed, 0.0, -np.inf).astype(dtype)
-
-
-def to_branches(seqs, probs, k, delimiter_id) -> list[list[Branch]]:
-    """Cut each branch at its first delimiter (kept in the probabilities), k per image."""
-    out = []
-    for i, (s, p) in enumerate(zip(seqs, probs)):
-        if i % k == 0:
-            out.append([])
-        end = s.index(delimiter_id) if delimiter_id in s else len(s)
-        out[-1].append(Branch(tokens=s[:end], probs=p[: end + 1]))
-    return out
-
-
-def rank_labels(branches, decode, ranking="prob", top_k=None, token_embeddings=None, image_tokens=None,
-                delimiter_id=None) -> list[Label]:
-    """`nxtrec.sampling.rank_labels` in numpy: merge branches by decoded string (commas
-    removed), probability = sum over branches of the product of their token probabilities."""
-    if ranking not in RANKINGS:
-        raise OnnxRuntimeError(f"unknown ranking {ranking!r}; choose from {', '.join(RANKINGS)}")
-    groups: dict[str, list[Branch]] = defaultdict(list)
-    for br in branches:
-        groups[decode(br.tokens).replace(",", "")].append(br)
-    labels = []
-    for name, brs in groups.items():
-        prob = sum(math.prod(b.probs) for b in brs)
-        score = None
-        if ranking == "ppl":
-            score = min(math.exp(-sum(math.log(max(p, 1e-45)) for p in b.probs) / len(b.probs)) for b in brs)
-        elif ranking == "sim":
-            img = _normalize(np.asarray(image_tokens, dtype=np.float32))
-            dists = []
-            for b in brs:
-                txt = _normalize(np.asarray(token_embeddings[np.array(b.tokens + [delimiter_id])], dtype=np.float32))
-                cos = np.clip(txt @ img.T, -1, 1)
-                dists.append(float((np.sqrt(2 - 2 * cos) / 2).mean()))
-            score = sum(dists) / len(dists)
-        labels.append(Label(name, prob, score))
-    if ranking == "prob":
-        labels.sort(key=lambda l: l.prob, reverse=True)
-    elif ranking in ("ppl", "sim"):
-        labels.sort(key=lambda l: l.score)
-    return labels[:top_k] if top_k else labels
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,7 +373,7 @@ class OnnxRecognizer:
         image_tokens = self.encode(pixels)
         branches = self.one_shot(image_tokens, top_k + extra_k, max_label_tokens or MAX_LABEL_TOKENS)
         return [
-            rank_labels(br, self.tokenizer.decode, ranking, top_k, token_embeddings=self.embeddings,
+            rank_labels(br, self.tokenizer.decode, ranking, top_k, embed_tokens=lambda ids: self.embeddings[np.array(ids)],
                         image_tokens=img, delimiter_id=self.delimiter_id)
             for br, img in zip(branches, image_tokens)
         ]

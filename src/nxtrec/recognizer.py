@@ -14,7 +14,8 @@ import torch
 from nxtrec.image import ImageInput, load_image, preprocess
 from nxtrec.model import NxtpModel
 from nxtrec.pretrained import DTYPES, default_model_dir, load_model_dir
-from nxtrec.sampling import Label, beam_search, greedy, one_shot, rank_labels
+from nxtrec.ranking import Label, rank_labels
+from nxtrec.sampling import beam_search, greedy, one_shot
 from nxtrec.tokenizer import Tokenizer
 
 SAMPLERS = ("one-shot", "greedy", "beam")
@@ -91,7 +92,12 @@ class Recognizer:
         else:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         wte = self.model.language_decoder.tok_embeddings.weight
+
+        def embed_tokens(ids):
+            return wte[torch.tensor(ids, device=wte.device)].float().cpu().numpy()
+
         return [
-            rank_labels(br, tok.decode, ranking, top_k, token_embeddings=wte, image_tokens=img, delimiter_id=tok.delimiter_id)
+            rank_labels(br, tok.decode, ranking, top_k, embed_tokens=embed_tokens,
+                        image_tokens=img.float().cpu().numpy() if ranking == "sim" else None, delimiter_id=tok.delimiter_id)
             for br, img in zip(branches, image_tokens)
         ]

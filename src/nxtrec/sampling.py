@@ -8,49 +8,17 @@
   branch is re-run at every step), kept as the baseline that benchmarks and tests compare to.
 - `greedy` (top-k / top-p, temperature, repetition penalty) and `beam_search`: one sequence
   per image, split into labels at the delimiter.
-- `rank_labels`: merges branches that decode to the same label and orders them by `prob`,
-  `ppl`, `sim` or `none`.
+Ranking the branches into labels is in `nxtrec.ranking` (shared with the ONNX path).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nxtrec.model import NxtpModel, inference_mask
-
-RANKINGS = ("prob", "ppl", "sim", "none")
-# The reference stops after 19 updates (the first top-k step counts as one) and then closes
-# every branch with a delimiter whose probability counts as 1.
-MAX_LABEL_TOKENS = 19
-
-
-@dataclass
-class Label:
-    label: str
-    prob: float
-    # The ranking's own score where it differs from `prob` (perplexity, embedding distance).
-    score: float | None = None
-
-    def to_dict(self) -> dict:
-        d = {"label": self.label, "prob": self.prob}
-        if self.score is not None:
-            d["score"] = self.score
-        return d
-
-
-@dataclass
-class Branch:
-    """One generated label: its token ids (delimiter excluded) and the probability of each
-    token, the closing delimiter's included when it was generated."""
-
-    tokens: list[int]
-    probs: list[float]
-
+from nxtrec.ranking import MAX_LABEL_TOKENS, Branch, to_branches
 
 # ---------------------------------------------------------------------------------------
 # prefix
@@ -137,7 +105,7 @@ def one_shot(
                 own_kvs = _select_rows(own_kvs, keep)
                 nxt = nxt[keep]
         tokens = nxt
-    return _to_branches(seqs, probs, k, delimiter_id)
+    return to_branches(seqs, probs, k, delimiter_id)
 
 
 @torch.inference_mode()
@@ -176,17 +144,7 @@ def one_shot_no_cache(
         open_branches &= tokens != delimiter_id
         if steps is None and not open_branches.any():
             break
-    return _to_branches(seqs, probs, k, delimiter_id)
-
-
-def _to_branches(seqs, probs, k, delimiter_id) -> list[list[Branch]]:
-    out = []
-    for i, (s, p) in enumerate(zip(seqs, probs)):
-        if i % k == 0:
-            out.append([])
-        end = s.index(delimiter_id) if delimiter_id in s else len(s)
-        out[-1].append(Branch(tokens=s[:end], probs=p[: end + 1]))
-    return out
+    return to_branches(seqs, probs, k, delimiter_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,54 +296,3 @@ def _split_labels(seq, probs, eos_id, delimiter_id) -> list[Branch]:
     if toks:
         out.append(Branch(toks, ps))
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# ranking
-# ---------------------------------------------------------------------------------------
-
-
-def rank_labels(
-    branches: list[Branch],
-    decode,
-    ranking: str = "prob",
-    top_k: int | None = None,
-    token_embeddings: torch.Tensor | None = None,
-    image_tokens: torch.Tensor | None = None,
-    delimiter_id: int | None = None,
-) -> list[Label]:
-    """Merge branches that decode to the same label and rank them.
-
-    prob: sum over a label's branches of the product of its token probabilities, highest
-      first (the paper's default).
-    ppl:  perplexity exp(-mean log p) of the label's tokens (best branch), lowest first.
-    sim:  mean Euclidean distance sqrt(2 - 2 cos)/2 between the label's token embeddings
-      (delimiter included) and the image tokens, lowest first.
-    none: the order in which the labels were generated.
-    """
-    if ranking not in RANKINGS:
-        raise ValueError(f"unknown ranking {ranking!r}; choose from {', '.join(RANKINGS)}")
-    groups: dict[str, list[Branch]] = defaultdict(list)
-    for br in branches:
-        groups[decode(br.tokens).replace(",", "")].append(br)
-    labels = []
-    for name, brs in groups.items():
-        prob = sum(math.prod(b.probs) for b in brs)
-        score = None
-        if ranking == "ppl":
-            score = min(math.exp(-sum(math.log(max(p, 1e-45)) for p in b.probs) / len(b.probs)) for b in brs)
-        elif ranking == "sim":
-            img = F.normalize(image_tokens.float(), dim=-1)
-            dists = []
-            for b in brs:
-                ids = torch.tensor(b.tokens + [delimiter_id], device=token_embeddings.device)
-                txt = F.normalize(token_embeddings[ids].float(), dim=-1)
-                cos = (txt @ img.T).clamp(-1, 1)
-                dists.append(((2 - 2 * cos).sqrt() / 2).mean().item())
-            score = sum(dists) / len(dists)
-        labels.append(Label(name, prob, score))
-    if ranking == "prob":
-        labels.sort(key=lambda l: l.prob, reverse=True)
-    elif ranking in ("ppl", "sim"):
-        labels.sort(key=lambda l: l.score)
-    return labels[:top_k] if top_k else labels

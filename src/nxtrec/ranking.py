@@ -1,0 +1,107 @@
+"""From generated branches to ranked labels, shared by the PyTorch and the ONNX Runtime paths
+(so it uses numpy, not torch).
+
+A branch is one generated label: its token ids (delimiter excluded) and the probability of
+each token, the closing delimiter's included when it was generated. Branches that decode to
+the same label are merged, then ranked (DESIGN.md section 9).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from nxtrec.errors import NxtrecError
+
+RANKINGS = ("prob", "ppl", "sim", "none")
+# The reference stops after 19 updates (the first top-k step counts as one) and then closes
+# every branch with a delimiter whose probability counts as 1.
+MAX_LABEL_TOKENS = 19
+
+
+class RankingError(NxtrecError, ValueError):
+    pass
+
+
+@dataclass
+class Label:
+    label: str
+    prob: float
+    # The ranking's own score where it differs from `prob` (perplexity, embedding distance).
+    score: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {"label": self.label, "prob": self.prob}
+        if self.score is not None:
+            d["score"] = self.score
+        return d
+
+
+@dataclass
+class Branch:
+    tokens: list[int]
+    probs: list[float]
+
+
+def to_branches(seqs: list[list[int]], probs: list[list[float]], k: int, delimiter_id: int) -> list[list[Branch]]:
+    """Cut each branch at its first delimiter (kept in the probabilities), k branches per image."""
+    out = []
+    for i, (s, p) in enumerate(zip(seqs, probs)):
+        if i % k == 0:
+            out.append([])
+        end = s.index(delimiter_id) if delimiter_id in s else len(s)
+        out[-1].append(Branch(tokens=s[:end], probs=p[: end + 1]))
+    return out
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def rank_labels(
+    branches: list[Branch],
+    decode: Callable[[list[int]], str],
+    ranking: str = "prob",
+    top_k: int | None = None,
+    embed_tokens: Callable[[list[int]], np.ndarray] | None = None,
+    image_tokens: np.ndarray | None = None,
+    delimiter_id: int | None = None,
+) -> list[Label]:
+    """Merge branches that decode to the same label (commas removed) and rank them.
+
+    prob: sum over a label's branches of the product of its token probabilities, highest
+      first (the paper's default).
+    ppl:  perplexity exp(-mean log p) of the label's tokens (best branch), lowest first.
+    sim:  mean Euclidean distance sqrt(2 - 2 cos)/2 between the label's token embeddings
+      (`embed_tokens(ids)`, delimiter included) and the image tokens [P, dim], lowest first.
+    none: the order in which the labels were generated.
+    """
+    if ranking not in RANKINGS:
+        raise RankingError(f"unknown ranking {ranking!r}; choose from {', '.join(RANKINGS)}")
+    groups: dict[str, list[Branch]] = defaultdict(list)
+    for br in branches:
+        groups[decode(br.tokens).replace(",", "")].append(br)
+    img = _normalize(np.asarray(image_tokens, dtype=np.float32)) if ranking == "sim" else None
+    labels = []
+    for name, brs in groups.items():
+        prob = sum(math.prod(b.probs) for b in brs)
+        score = None
+        if ranking == "ppl":
+            score = min(math.exp(-sum(math.log(max(p, 1e-45)) for p in b.probs) / len(b.probs)) for b in brs)
+        elif ranking == "sim":
+            dists = []
+            for b in brs:
+                txt = _normalize(np.asarray(embed_tokens(b.tokens + [delimiter_id]), dtype=np.float32))
+                cos = np.clip(txt @ img.T, -1, 1)
+                dists.append(float((np.sqrt(2 - 2 * cos) / 2).mean()))
+            score = sum(dists) / len(dists)
+        labels.append(Label(name, prob, score))
+    if ranking == "prob":
+        labels.sort(key=lambda l: l.prob, reverse=True)
+    elif ranking in ("ppl", "sim"):
+        labels.sort(key=lambda l: l.score)
+    return labels[:top_k] if top_k else labels

@@ -47,17 +47,22 @@ def load_pickle(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
 
 
-def load_clip_visual(path: str | Path) -> dict:
-    """CLIP's `visual.*` tensors (minus its own projection) as `vision_encoder.*`. Accepts
-    OpenAI's TorchScript archive or a plain state dict."""
+def load_clip(path: str | Path) -> dict:
+    """The whole state dict of an OpenAI CLIP file: the TorchScript archive OpenAI distributes
+    (loaded on the CPU), or a plain state dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: CLIP file not found (OpenAI's ViT-L-14.pt is expected there)")
     try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     except RuntimeError:
         state = load_pickle(path)
-        state = state.get("state_dict", state)
+        return state.get("state_dict", state)
+
+
+def load_clip_visual(path: str | Path) -> dict:
+    """CLIP's `visual.*` tensors (minus its own projection) as `vision_encoder.*`."""
+    state = load_clip(path)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
         raise CheckpointError(f"{path}: no 'visual.*' tensors; is this an OpenAI CLIP ViT file?")

@@ -53,8 +53,9 @@ def label_strings(record: dict) -> list[str]:
     return [p["label"] if isinstance(p, dict) else p for p in record["pred"]]
 
 
-def score(records: list[dict], k_values: list[int], embedder_name: str = "minilm", device: str = "cpu") -> dict[int, Summary]:
-    embedder = build_embedder(embedder_name, device)
+def score(records: list[dict], k_values: list[int], embedder_name: str = "minilm", device: str = "cpu",
+          clip_file: str | None = None, clip_vocab: str | None = None) -> dict[int, Summary]:
+    embedder = build_embedder(embedder_name, device, clip_file, clip_vocab)
     plain = [{"image": r["image"], "gt": r["gt"], "pred": label_strings(r)} for r in records]
     return score_records(plain, k_values, embedder)
 
@@ -93,8 +94,10 @@ def write_outputs(records, summaries: dict[int, Summary], out: Path, info: dict)
 
 
 def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None, registry=None, batch_size=16,
-             device="cpu", dtype="float32", limit=None, num_workers=1, progress=True) -> dict[int, Summary] | None:
-    """Predict and score; returns the summaries on rank 0 (None on other ranks)."""
+             device="cpu", dtype="float32", limit=None, num_workers=1, progress=True, clip_file=None,
+             clip_vocab=None) -> dict[int, Summary] | None:
+    """Predict and score; returns the summaries on rank 0 (None on other ranks). The CLIP
+    embedder needs `clip_file` and `clip_vocab` (see metric.CLIPEmbedder)."""
     import torch.distributed as dist
 
     from nxtrec.data import build_loader
@@ -112,7 +115,7 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
     records = gather_records(records)
     if records is None:
         return None
-    summaries = score(records, sorted(k_values), embedder, "cpu")
+    summaries = score(records, sorted(k_values), embedder, "cpu", clip_file, clip_vocab)
     info = {"model": str(model), "data": str(data), "sampler": "one-shot", "ranking": ranking, "embedder": embedder,
             "seconds": time.perf_counter() - start}
     if out:

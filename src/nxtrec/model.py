@@ -38,7 +38,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names."""
+    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names (causal in
+    CLIP's text tower, see metric.py)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -48,11 +49,11 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         b, s, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, s, w))
 
 
@@ -72,12 +73,12 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", QuickGELU())
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
         return x + self.mlp(self.ln_2(x))
 
 
-class VisionTransformer(nn.Module):
+class CLIPTransformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
@@ -92,7 +93,7 @@ class VisionEncoder(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, w))
         self.ln_pre = LayerNorm(w)
-        self.transformer = VisionTransformer(w, cfg.layers, cfg.heads)
+        self.transformer = CLIPTransformer(w, cfg.layers, cfg.heads)
         self.ln_post = LayerNorm(w)
         # Replaces CLIP's projection: every token is mapped to the decoder width.
         self.proj = nn.Linear(w, out_dim, bias=False)

@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--registry", help="dataset registry file (default: $NXTREC_REGISTRY, else ./datasets.toml)")
     p.add_argument("--top-k", type=int, nargs="+", default=[10], help="one or more k; predictions are made once")
     p.add_argument("--ranking", default="prob", choices=["prob", "ppl", "sim", "none"])
-    p.add_argument("--embedder", default="minilm", choices=["minilm", "clip"])
+    _embedder_arguments(p)
     p.add_argument("--out", help="summary JSON; per-image rows go to the same name with .jsonl, and a row per k "
                    "is appended to results.md / results.csv beside it")
     p.add_argument("--batch-size", type=int, default=16)
@@ -29,15 +29,23 @@ def register(sub) -> None:
     s.add_argument("predictions", help="JSONL: {\"image\": ID, \"labels\": [...] or [{\"label\", \"prob\"}...], \"gt\": [...]}")
     s.add_argument("--gt", help="JSONL of {\"image\": ID, \"gt\": [...]} when the predictions file has no gt")
     s.add_argument("--top-k", type=int, nargs="+", default=[10])
-    s.add_argument("--embedder", default="minilm", choices=["minilm", "clip"])
+    _embedder_arguments(s)
     s.set_defaults(func=run_score)
+
+
+def _embedder_arguments(p) -> None:
+    p.add_argument("--embedder", default="minilm", choices=["minilm", "clip"],
+                   help="label embedding model: MiniLM (the published numbers) or CLIP ViT-L/14's text tower")
+    p.add_argument("--clip-file", help="for --embedder clip: OpenAI's ViT-L-14.pt (TorchScript or state dict)")
+    p.add_argument("--clip-vocab", help="for --embedder clip: CLIP's BPE file bpe_simple_vocab_16e6.txt.gz")
 
 
 def run_eval(args) -> int:
     from nxtrec.evaluate import evaluate, format_table
 
     summaries = evaluate(args.model, args.data, args.top_k, args.ranking, args.embedder, args.out, args.registry,
-                         args.batch_size, args.device, args.dtype, args.limit, args.workers)
+                         args.batch_size, args.device, args.dtype, args.limit, args.workers,
+                         clip_file=args.clip_file, clip_vocab=args.clip_vocab)
     if summaries is not None:
         print(format_table(summaries))
     return 0
@@ -78,5 +86,5 @@ def run_score(args) -> int:
     from nxtrec.evaluate import format_table, score
 
     records = load_prediction_records(args.predictions, args.gt)
-    print(format_table(score(records, sorted(args.top_k), args.embedder)))
+    print(format_table(score(records, sorted(args.top_k), args.embedder, "cpu", args.clip_file, args.clip_vocab)))
     return 0

@@ -14,6 +14,9 @@ ground truth `[""]` (the reference splits an empty string), and an empty predict
 Unlike the reference, which encodes every label of every image separately, padded to 128
 tokens, labels are embedded once per distinct string, in batches, and cached; padding is
 masked out of the mean, so the embeddings are the same.
+
+The paper's alternative embedder, CLIP ViT-L/14's text tower, is `CLIPEmbedder` (local files
+only: OpenAI's ViT-L-14.pt and CLIP's BPE vocabulary).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ PRESETS: dict[str, tuple[EncoderConfig, dict]] = {
         EncoderConfig(width=64, layers=2, heads=4, patch_size=16, image_size=64),
         dict(dim=64, n_layers=2, n_heads=4, hidden_dim=llama_hidden_dim(64, multiple_of=16)),
     ),
-    # The bundled demo model, trained on synthetic scenes (configs/demo.toml).
+    # The bundled demo model, trained on synthetic scenes (configs/demo.toml, demo-stage2.toml).
     "demo": (
         EncoderConfig(width=192, layers=4, heads=3, patch_size=16, image_size=112),
         dict(dim=256, n_layers=3, n_heads=4, hidden_dim=llama_hidden_dim(256, multiple_of=32)),

@@ -197,8 +197,8 @@ class CLIPEmbedder(CachedEmbedder):
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> torch.Tensor:
         eot = self.tokenizer.eos_token_id
-        rows = [self.tokenizer(t)["input_ids"] for t in texts]
-        rows = [r if len(r) <= self.context_length else r[: self.context_length - 1] + [eot] for r in rows]
+        rows = [r if len(r) <= self.context_length else r[: self.context_length - 1] + [eot]
+                for r in self.tokenizer(texts)["input_ids"]]
         ids = torch.full((len(rows), max(map(len, rows))), eot, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)

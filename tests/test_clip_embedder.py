@@ -88,6 +88,17 @@ def test_tokenizer_follows_clips_vocabulary_layout(clip_files):
     assert len(tok("犬")["input_ids"]) == 2 + 3
 
 
+def test_long_labels_are_cut_to_the_context_keeping_end_of_text(clip_files):
+    emb = CLIPEmbedder(clip_files["jit"], clip_files["vocab"])
+    long_label = LABELS[-1]
+    assert len(emb.tokenizer(long_label)["input_ids"]) > CONTEXT
+    ids = emb.tokenizer([long_label, "dog"], truncation=True, max_length=CONTEXT, padding=True)["input_ids"]
+    assert len(ids[0]) == CONTEXT and ids[0][0] == VOCAB - 2 and ids[0][-1] == VOCAB - 1
+    assert ids[1][:3] == [VOCAB - 2, 512 + MERGES.index("do g</w>"), VOCAB - 1] and set(ids[1][3:]) == {VOCAB - 1}
+    # 100 dogs cut to the context embed exactly like the 75 dogs that fill it
+    torch.testing.assert_close(emb.embed([long_label]), emb.embed([" ".join(["dog"] * 75)]))
+
+
 @pytest.mark.parametrize("source", ["jit", "state"])
 def test_embeddings_match_hugging_face_clip(clip_files, source):
     emb = CLIPEmbedder(clip_files[source], clip_files["vocab"], batch_size=3)

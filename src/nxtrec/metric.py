@@ -196,12 +196,9 @@ class CLIPEmbedder(CachedEmbedder):
 
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> torch.Tensor:
-        eot = self.tokenizer.eos_token_id
-        rows = [r if len(r) <= self.context_length else r[: self.context_length - 1] + [eot]
-                for r in self.tokenizer(texts)["input_ids"]]
-        ids = torch.full((len(rows), max(map(len, rows))), eot, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
+        # Cut to CLIP's context keeping <|endoftext|>; padding is <|endoftext|> too.
+        ids = self.tokenizer(texts, truncation=True, max_length=self.context_length, padding=True,
+                             return_tensors="pt")["input_ids"]
         return F.normalize(self.model(ids.to(self.device)).float(), dim=-1).cpu()
 
 

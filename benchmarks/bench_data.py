@@ -51,7 +51,8 @@ def make_images(root: Path, n: int, size: tuple[int, int]) -> Path:
 
 
 def bench_pack(jsonl: Path, out: Path, workers: int, shard_size: int, resize_shorter=None) -> dict:
-    from nxtrec.pack import PackOptions, jsonl_records, pack
+    from nxtrec.data.pack import PackOptions, pack
+    from nxtrec.data.sources import jsonl_records
 
     records = jsonl_records(jsonl)
     start = time.perf_counter()
@@ -62,7 +63,7 @@ def bench_pack(jsonl: Path, out: Path, workers: int, shard_size: int, resize_sho
 
 
 def bench_labels(n: int) -> dict:
-    from nxtrec.labels import extract_labels_batch, get_tagger
+    from nxtrec.data.labels import extract_labels_batch, get_tagger
 
     get_tagger("spacy")  # loading the model is not part of the rate
     captions = [f"{CAPTIONS[i % 8]} {CAPTIONS[(i * 3 + 1) % 8]}" for i in range(n)]
@@ -73,7 +74,7 @@ def bench_labels(n: int) -> dict:
 
 
 def bench_loader(shards: Path, workers: int, batch_size: int, epochs: int) -> dict:
-    from nxtrec.data import build_loader
+    from nxtrec.data.loader import build_loader
 
     loader = build_loader(str(shards), batch_size=batch_size, num_workers=workers, shuffle=True, shuffle_buffer=256)
     rates = []

@@ -12,8 +12,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nxtrec.metric import MiniLMEmbedder, score_records
-from nxtrec.pretrained import _NOUNS
+from nxtrec.evaluation.embedders import MiniLMEmbedder
+from nxtrec.evaluation.metric import score_records
+from nxtrec.model.presets import _NOUNS
 
 
 def make_records(n, k, seed=0):

@@ -69,7 +69,7 @@ def _branches_json(branches):
 
 
 def child_prepare(args) -> dict:
-    from nxtrec.pretrained import init_model
+    from nxtrec.model.presets import init_model
 
     t = time.perf_counter()
     init_model(args.preset, args.dir)
@@ -77,7 +77,7 @@ def child_prepare(args) -> dict:
 
 
 def child_export(args) -> dict:
-    from nxtrec.onnx_export import export_onnx
+    from nxtrec.onnx.export import export_onnx
 
     t = time.perf_counter()
     m = export_onnx(args.model, args.dir, image=args.image, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -85,7 +85,7 @@ def child_export(args) -> dict:
 
 
 def child_quantize(args) -> dict:
-    from nxtrec.onnx_export import quantize_dir
+    from nxtrec.onnx.quantize import quantize_dir
 
     t = time.perf_counter()
     quantize_dir(args.src, args.dir, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -93,7 +93,7 @@ def child_quantize(args) -> dict:
 
 
 def child_released(args) -> dict:
-    from nxtrec.onnx_export import export_released_layout_dir
+    from nxtrec.onnx.released import export_released_layout_dir
 
     t = time.perf_counter()
     export_released_layout_dir(args.model, args.dir, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -110,8 +110,8 @@ def child_run(args) -> dict:
     if args.kind == "torch":
         import torch
 
-        from nxtrec.recognizer import Recognizer
-        from nxtrec.sampling import one_shot, prefill
+        from nxtrec.inference.recognizer import Recognizer
+        from nxtrec.inference.sampling import one_shot, prefill
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -132,7 +132,7 @@ def child_run(args) -> dict:
             one_shot(model, model.encode_images(pixels), prompt, 2, delim, steps=1)
         res["threads"] = torch.get_num_threads()
     else:
-        from nxtrec.onnx_runtime import OnnxRecognizer
+        from nxtrec.onnx.runtime import OnnxRecognizer
 
         rec = OnnxRecognizer(args.dir, threads=args.threads, cache=args.cache or "shared")
         res["load"] = time.perf_counter() - t0
@@ -181,8 +181,8 @@ def child_run(args) -> dict:
 
 def child_labels(args) -> dict:
     """Full one-shot sampling (stopping at delimiters) on every image: top-k labels."""
-    from nxtrec.image import list_images
-    from nxtrec.onnx_runtime import OnnxRecognizer
+    from nxtrec.model.image import list_images
+    from nxtrec.onnx.runtime import OnnxRecognizer
 
     rec = OnnxRecognizer(args.dir, threads=args.threads)
     images = list_images([args.images])

@@ -58,8 +58,9 @@ def worker(args) -> None:
     """One mode, in this process; prints one JSON line."""
     import torch
 
-    from nxtrec.train import read_metrics, train
-    from nxtrec.train_config import load_config
+    from nxtrec.training.config import load_config
+    from nxtrec.training.logger import read_metrics
+    from nxtrec.training.main import train
 
     if args.threads:
         torch.set_num_threads(args.threads)

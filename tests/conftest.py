@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nxtrec.pretrained import build_model, init_model, make_tokenizer, preset_config
-from nxtrec.tokenizer import Tokenizer
+from nxtrec.model.directory import build_model
+from nxtrec.model.presets import init_model, make_tokenizer, preset_config
+from nxtrec.model.tokenizer import Tokenizer
 
 SPECIAL = ["<|image|>", "<|empty|>"]
 

@@ -5,9 +5,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from nxtrec.cli import main
-from nxtrec.recognizer import Recognizer
-from nxtrec.tokenizer import Tokenizer
+from nxtrec.cli.main import main
+from nxtrec.inference.recognizer import Recognizer
+from nxtrec.model.tokenizer import Tokenizer
 
 
 def _images(folder):
@@ -81,7 +81,7 @@ def test_init_model_cli_writes_a_loadable_directory(tmp_path):
 
 
 def test_special_token_ids_come_from_the_tokenizer(tokenizer, tokenizer_file, tmp_path):
-    from nxtrec.tokenizer import train_tokenizer
+    from nxtrec.model.tokenizer import train_tokenizer
 
     prompt = tokenizer.prompt_ids("<|image|>", "The objects in the image are")
     assert prompt[:2] == [tokenizer.special_ids["<|image|>"], tokenizer.bos_id]

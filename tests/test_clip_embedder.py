@@ -11,7 +11,13 @@ import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from nxtrec.errors import NxtrecError
-from nxtrec.metric import CLIPEmbedder, CLIPTextEncoder, clip_byte_alphabet, clip_tokenizer, score_records
+from nxtrec.evaluation.embedders import (
+    CLIPEmbedder,
+    CLIPTextEncoder,
+    clip_byte_alphabet,
+    clip_tokenizer,
+)
+from nxtrec.evaluation.metric import score_records
 
 MERGES = ["d o", "do g</w>", "c a", "ca t</w>", "h o", "ho t</w>", "a p", "p l", "ap pl", "appl e</w>"]
 WIDTH, LAYERS, EMBED_DIM, CONTEXT = 128, 2, 32, 77
@@ -114,7 +120,7 @@ def test_embeddings_match_hugging_face_clip(clip_files, source):
 
 
 def test_clip_embedder_scores_and_cli(clip_files, tmp_path, capsys):
-    from nxtrec.cli import main
+    from nxtrec.cli.main import main
 
     emb = CLIPEmbedder(clip_files["jit"], clip_files["vocab"])
     s = score_records([{"image": 1, "gt": ["dog", "cat"], "pred": ["cat", "dog"]}], [10], emb)[10]
@@ -130,7 +136,7 @@ def test_clip_embedder_scores_and_cli(clip_files, tmp_path, capsys):
 
 
 def test_clip_embedder_errors_are_one_line(clip_files, tmp_path, capsys):
-    from nxtrec.cli import main
+    from nxtrec.cli.main import main
 
     preds = tmp_path / "pred.jsonl"
     preds.write_text(json.dumps({"image": "a", "gt": ["dog"], "labels": ["dog"]}) + "\n")

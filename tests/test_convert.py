@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
-from nxtrec.convert import convert_llama, convert_nxtp, load_pickle
 from nxtrec.errors import NxtrecError
-from nxtrec.model import inference_mask
-from nxtrec.pretrained import load_model_dir, save_model_dir
+from nxtrec.model.convert import convert_llama, convert_nxtp, load_pickle
+from nxtrec.model.directory import load_model_dir, save_model_dir
+from nxtrec.model.masks import inference_mask
 
 
 def test_model_directory_round_trip_is_exact(tokenizer, tokenizer_file, tmp_path):

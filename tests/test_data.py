@@ -8,16 +8,19 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import datagen
 import pytest
 import torch
 import webdataset as wds
 
-import datagen
-from nxtrec import data as D
-from nxtrec.cli import main
+from nxtrec.cli.main import main
+from nxtrec.data import loader as data_loader
+from nxtrec.data import registry, sharding
+from nxtrec.data.pack import PackOptions, pack
+from nxtrec.data.relabel import add_labels
+from nxtrec.data.sources import coco_records
 from nxtrec.errors import NxtrecError
-from nxtrec.image import load_image, preprocess
-from nxtrec.pack import PackOptions, add_labels, coco_records, pack
+from nxtrec.model.image import load_image, preprocess
 
 N_IMAGES = 23  # packed in shards of 5: 5, 5, 5, 5, 3 samples for 2 ranks x 2 workers
 
@@ -37,10 +40,10 @@ def loader(shards, **kw):
     kw.setdefault("batch_size", 3)
     kw.setdefault("image_size", 32)
     kw.setdefault("num_workers", 2)
-    return D.build_loader(str(shards), **kw)
+    return data_loader.build_loader(str(shards), **kw)
 
 
-def run_epoch(ld) -> list[D.Batch]:
+def run_epoch(ld) -> list[data_loader.Batch]:
     return list(ld)
 
 
@@ -64,21 +67,21 @@ def labelled(key: str, labels, seed: int, image: bytes | None = None) -> dict:
 # ---------------------------------------------------------------------------- the plan
 
 
-@pytest.mark.parametrize("balance", D.BALANCE_MODES)
+@pytest.mark.parametrize("balance", sharding.BALANCE_MODES)
 def test_plan_gives_every_position_once(balance):
     """Pure arithmetic, many sizes: the (rank, worker) ranges cut from uneven shards."""
     for lengths in ([5, 5, 5, 5, 3], [1], [7, 1, 2], [3, 3]):
-        pieces = [D.Piece(f"s{i}", 0, n) for i, n in enumerate(lengths)]
+        pieces = [sharding.Piece(f"s{i}", 0, n) for i, n in enumerate(lengths)]
         everything = [(p.path, j) for p in pieces for j in range(p.stop)]
         total = len(everything)
         for world in (1, 2, 3, 4, 8):
             for workers in (1, 2, 3):
                 seen, flagged, per_rank = [], [], []
                 for rank in range(world):
-                    lo, hi = D.rank_range(total, rank, world, balance)
+                    lo, hi = sharding.rank_range(total, rank, world, balance)
                     count = 0
                     for worker in range(workers):
-                        for piece in D.cut_sequence(pieces, *D.worker_range(lo, hi, worker, workers)):
+                        for piece in sharding.cut_sequence(pieces, *sharding.worker_range(lo, hi, worker, workers)):
                             items = [(piece.path, j) for j in range(piece.start, piece.stop)]
                             (flagged if piece.padded else seen).extend(items)
                             count += len(items)
@@ -96,9 +99,9 @@ def test_plan_gives_every_position_once(balance):
 
 
 def test_weights_repeat_or_cut_a_dataset():
-    a = [D.Shard("a0", 4, 4), D.Shard("a1", 2, 2)]
-    b = [D.Shard("b0", 10, 10)]
-    pieces = D.epoch_sequence([(a, 2.0), (b, 0.5)], seed=0, epoch=0, shuffle=True)
+    a = [registry.Shard("a0", 4, 4), registry.Shard("a1", 2, 2)]
+    b = [registry.Shard("b0", 10, 10)]
+    pieces = sharding.epoch_sequence([(a, 2.0), (b, 0.5)], seed=0, epoch=0, shuffle=True)
     per_dataset = Counter()
     for p in pieces:
         per_dataset[p.path[0]] += p.stop - p.start
@@ -235,7 +238,7 @@ def test_truncated_tar_does_not_stop_the_epoch(tmp_path, coco):
     (folder / "000000.tar").write_bytes(data[: len(data) // 2])  # a download that died
     ld = loader(folder)
     keys = keys_of(run_epoch(ld))
-    lengths = D.shard_lengths(D.expand_shards([str(folder)]))
+    lengths = registry.shard_lengths(registry.expand_shards([str(folder)]))
     assert 0 < lengths[0].samples < 5 and lengths[1].samples == 5
     assert len(keys) == len(set(keys)) == sum(s.samples for s in lengths)
     assert set(ALL_KEYS[5:10]) <= set(keys)
@@ -273,23 +276,23 @@ def test_lengths_are_counted_once_and_cached(tmp_path, monkeypatch):
     folder = tmp_path / "cc"
     datagen.write_img2dataset_shard(folder / "00000.tar", 0, 3)
     datagen.write_img2dataset_shard(folder / "00001.tar", 3, 2)
-    paths = D.expand_shards([str(folder)])
-    assert [(s.samples, s.labelled) for s in D.shard_lengths(paths)] == [(3, 0), (2, 0)]
-    assert (folder / D.COUNT_CACHE).is_file()
+    paths = registry.expand_shards([str(folder)])
+    assert [(s.samples, s.labelled) for s in registry.shard_lengths(paths)] == [(3, 0), (2, 0)]
+    assert (folder / registry.COUNT_CACHE).is_file()
 
     def no_counting(path):
         raise AssertionError("counted again")
 
-    monkeypatch.setattr(D, "count_shard", no_counting)
-    assert [s.samples for s in D.shard_lengths(paths)] == [3, 2]
+    monkeypatch.setattr(registry, "count_shard", no_counting)
+    assert [s.samples for s in registry.shard_lengths(paths)] == [3, 2]
     monkeypatch.undo()
     datagen.write_img2dataset_shard(folder / "00001.tar", 3, 4)  # changed: counted again
-    assert [s.samples for s in D.shard_lengths(paths)] == [3, 4]
+    assert [s.samples for s in registry.shard_lengths(paths)] == [3, 4]
 
 
 def test_lengths_come_from_the_manifest(coco, monkeypatch):
-    monkeypatch.setattr(D, "count_shard", lambda path: pytest.fail("counted a shard the manifest lists"))
-    lengths = D.shard_lengths(D.expand_shards([str(coco)]))
+    monkeypatch.setattr(registry, "count_shard", lambda path: pytest.fail("counted a shard the manifest lists"))
+    lengths = registry.shard_lengths(registry.expand_shards([str(coco)]))
     assert [(s.samples, s.labelled) for s in lengths] == [(5, 5), (5, 5), (5, 5), (5, 5), (3, 3)]
 
 
@@ -305,16 +308,16 @@ shards = ["shards/000003.tar", "shards/000004.tar"]
 weight = 2
 """
     )
-    reg = D.Registry.load(tmp_path / "datasets.toml")
+    reg = registry.Registry.load(tmp_path / "datasets.toml")
     assert reg.get("coco_val").split == "val2017" and reg.get("mix").weight == 2.0
-    ld = D.build_loader(["coco_val", "mix"], reg, batch_size=4, image_size=32, num_workers=0)
+    ld = data_loader.build_loader(["coco_val", "mix"], reg, batch_size=4, image_size=32, num_workers=0)
     keys = keys_of(run_epoch(ld))
     assert ld.num_samples == 15 + 2 * 8 == len(keys)
     assert Counter(Counter(keys).values()) == {1: 15, 2: 8}
 
     (tmp_path / "reg.yaml").write_text("datasets:\n  c:\n    shards: [coco/000000.tar]\n")
     (tmp_path / "coco").symlink_to(coco)
-    assert D.Registry.load(tmp_path / "reg.yaml").get("c").shards == [str(tmp_path / "coco" / "000000.tar")]
+    assert registry.Registry.load(tmp_path / "reg.yaml").get("c").shards == [str(tmp_path / "coco" / "000000.tar")]
 
 
 @pytest.mark.parametrize(
@@ -330,15 +333,15 @@ weight = 2
 def test_registry_errors(tmp_path, text, message):
     (tmp_path / "r.toml").write_text(text)
     with pytest.raises(NxtrecError, match=message):
-        D.Registry.load(tmp_path / "r.toml")
+        registry.Registry.load(tmp_path / "r.toml")
 
 
 def test_missing_shards_and_unknown_names(tmp_path):
     (tmp_path / "r.toml").write_text("[datasets.a]\nshards = 'nowhere/{0..2}.tar'\n")
     with pytest.raises(NxtrecError, match="no shards found"):
-        D.build_loader("a", tmp_path / "r.toml")
+        data_loader.build_loader("a", tmp_path / "r.toml")
     with pytest.raises(NxtrecError, match="no dataset 'b'"):
-        D.build_loader("b", tmp_path / "r.toml")
+        data_loader.build_loader("b", tmp_path / "r.toml")
 
 
 # ---------------------------------------------------------------------------- commands

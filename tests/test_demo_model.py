@@ -3,9 +3,9 @@ synthetic scenes (regenerated here: the validation split depends only on its see
 
 import pytest
 
-from nxtrec.evaluate import evaluate
-from nxtrec.pretrained import default_model_dir
-from nxtrec.synth import generate
+from nxtrec.data.synth import generate
+from nxtrec.evaluation.evaluate import evaluate
+from nxtrec.model.directory import default_model_dir
 
 # README, "The bundled demo model": nxtrec eval on the 1000 held-out scenes (seed 0).
 PUBLISHED = {5: (0.74196, 0.50093, 0.58828), 10: (0.82279, 0.44649, 0.57085)}

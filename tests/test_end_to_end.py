@@ -3,9 +3,9 @@
 
 import json
 
-from nxtrec.cli import main
-from nxtrec.synth import generate
-from nxtrec.train import read_metrics
+from nxtrec.cli.main import main
+from nxtrec.data.synth import generate
+from nxtrec.training.logger import read_metrics
 
 
 def test_synth_pack_train_eval_export_predict(tmp_path, capsys):

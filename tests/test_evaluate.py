@@ -1,7 +1,7 @@
 import json
 
-from nxtrec.cli import main
-from nxtrec.synth import generate
+from nxtrec.cli.main import main
+from nxtrec.data.synth import generate
 
 
 def test_eval_predicts_once_scores_several_k_and_writes_tables(tiny_model_dir, tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_eval_predicts_once_scores_several_k_and_writes_tables(tiny_model_dir, t
 
 
 def test_evaluation_inside_training_logs_rpf1(tmp_path):
-    from nxtrec.train import read_metrics
+    from nxtrec.training.logger import read_metrics
 
     generate(tmp_path / "synth", n=16, n_val=6, size=64, shard_size=8, progress=False)
     run = tmp_path / "run"

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nxtrec.image import ImageError, center_crop, list_images, load_image, preprocess_array, resize_shorter_side
+from nxtrec.model.image import (
+    ImageError,
+    center_crop,
+    list_images,
+    load_image,
+    preprocess_array,
+    resize_shorter_side,
+)
 
 
 def _png_bytes(img):

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from nxtrec.cli import main
-from nxtrec.errors import NxtrecError
-from nxtrec.labels import (
+from nxtrec.cli.main import main
+from nxtrec.data.labels import (
     NltkTagger,
     clean_caption,
     extract_labels,
@@ -18,6 +17,7 @@ from nxtrec.labels import (
     missing_nltk_data,
     select_labels,
 )
+from nxtrec.errors import NxtrecError
 
 # Simple captions and the labels a careful reader expects (what the reference's NLTK
 # pipeline gives too: common nouns, singular, in caption order).

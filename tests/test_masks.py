@@ -2,7 +2,7 @@ import random
 
 import torch
 
-from nxtrec.model import inference_mask, training_mask
+from nxtrec.model.masks import inference_mask, training_mask
 
 NEG = float("-inf")
 

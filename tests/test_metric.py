@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nxtrec.commands.evaluate import load_prediction_records
-from nxtrec.metric import MiniLMEmbedder, score_records
+from nxtrec.cli.evaluate import load_prediction_records
+from nxtrec.evaluation.embedders import MiniLMEmbedder
+from nxtrec.evaluation.metric import score_records
 
 RECORDS = [
     {"image": "a", "gt": ["dog", "frisbee", "grass", "park"], "pred": ["dog", "grass", "ball", "tree", "sky", "park", "man", "field", "toy", "lawn", "puppy"]},
@@ -81,7 +82,7 @@ def test_embeddings_are_cached_and_independent_of_batching(embedder):
 
 
 def test_score_cli_reads_other_systems_predictions(tmp_path, capsys):
-    from nxtrec.cli import main
+    from nxtrec.cli.main import main
 
     preds = tmp_path / "preds.jsonl"
     gt = tmp_path / "gt.jsonl"
@@ -98,7 +99,7 @@ def test_score_cli_reads_other_systems_predictions(tmp_path, capsys):
 
 MERGE_SCRIPT = """
 import json, sys, torch.distributed as dist
-from nxtrec.evaluate import gather_records, score
+from nxtrec.evaluation.evaluate import gather_records, score
 dist.init_process_group("gloo")
 records = json.load(open(sys.argv[1]))
 mine = records[dist.get_rank()::dist.get_world_size()]

@@ -19,23 +19,24 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import tiny_model
 from PIL import Image
 
-from conftest import tiny_model
-from nxtrec.cli import main
-from nxtrec.onnx_export import (
-    DECODER_DATA,
-    FILES,
-    MANIFEST,
-    export_onnx,
-    export_released_layout_dir,
-    kv_names,
-    quantize_dir,
+from nxtrec.cli.main import main
+from nxtrec.inference.recognizer import Recognizer
+from nxtrec.inference.sampling import prefill
+from nxtrec.model.directory import load_model_dir, save_model_dir
+from nxtrec.onnx.export import export_onnx
+from nxtrec.onnx.graphs import kv_names
+from nxtrec.onnx.layout import DECODER_DATA, FILES, MANIFEST
+from nxtrec.onnx.quantize import quantize_dir
+from nxtrec.onnx.released import export_released_layout_dir
+from nxtrec.onnx.runtime import (
+    OnnxRecognizer,
+    OnnxRuntimeError,
+    detect_layout,
+    predict_paths,
 )
-from nxtrec.onnx_runtime import OnnxRecognizer, OnnxRuntimeError, detect_layout, predict_paths
-from nxtrec.pretrained import load_model_dir, save_model_dir
-from nxtrec.recognizer import Recognizer
-from nxtrec.sampling import prefill
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -127,7 +128,7 @@ def test_export_layout_manifest_and_validation(onnx_dir, model_dir, tokenizer):
 def test_graphs_match_pytorch(onnx_dir, model_dir, tokenizer):
     """Prefill logits and keys/values; cached steps for 2 images x 3 branches (shared prefix
     per image, and one prefix copy per branch); the step graph used as the prefill."""
-    from nxtrec.onnx_runtime import make_session
+    from nxtrec.onnx.runtime import make_session
 
     model, _ = load_model_dir(model_dir)
     cfg, dec = model.config, model.language_decoder
@@ -273,11 +274,11 @@ def test_onnx_path_runs_without_torch(onnx_dir, released_dir, images, tmp_path):
     code = f"""
 import sys, json
 sys.modules['torch'] = None  # any `import torch` now raises ImportError
-from nxtrec.onnx_runtime import predict_paths
+from nxtrec.onnx.runtime import predict_paths
 rows = list(predict_paths({str(onnx_dir)!r}, {images[:2] + [str(tmp_path / 'bad.jpg')]!r}, top_k=4, batch_size=2))
 assert [r[2] is None for r in rows] == [True, True, False], rows
 assert 'bad.jpg' in rows[2][2]
-from nxtrec.cli import main
+from nxtrec.cli.main import main
 for d in ({str(onnx_dir)!r}, {str(released_dir)!r}):
     assert main(['predict', {images[0]!r}, '--onnx', d, '--top-k', '3', '--json']) == 0
 assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]

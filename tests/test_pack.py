@@ -12,23 +12,22 @@ import sys
 import time
 from pathlib import Path
 
+import datagen
 import pytest
 from PIL import Image
 
-import datagen
-from nxtrec.cli import main
-from nxtrec.errors import NxtrecError
-from nxtrec.pack import (
-    PackOptions,
+from nxtrec.cli.main import main
+from nxtrec.data.pack import PackOptions, pack
+from nxtrec.data.relabel import add_labels
+from nxtrec.data.shards import read_manifest
+from nxtrec.data.sources import (
     Record,
-    add_labels,
     coco_records,
     folder_records,
     jsonl_records,
     openimages_records,
-    pack,
-    read_manifest,
 )
+from nxtrec.errors import NxtrecError
 
 
 def all_samples(folder: Path) -> list[dict]:

@@ -1,9 +1,9 @@
 import pytest
 import torch
-
 from conftest import tiny_model
-from nxtrec.ranking import Branch, rank_labels
-from nxtrec.sampling import beam_search, greedy, one_shot, one_shot_no_cache
+
+from nxtrec.inference.ranking import Branch, rank_labels
+from nxtrec.inference.sampling import beam_search, greedy, one_shot, one_shot_no_cache
 
 
 def _prompt(model, tokenizer):
@@ -97,7 +97,7 @@ def test_greedy_and_beam_search_produce_labels(tokenizer):
     assert all(len(img) >= 1 for img in g)
     # greedy decoding through the KV cache equals argmax over full recomputation
     dec = model.language_decoder
-    from nxtrec.model import inference_mask
+    from nxtrec.model.masks import inference_mask
 
     seq = model.prefix_embeddings(tokens[:1], prompt)
     expected = []

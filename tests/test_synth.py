@@ -2,7 +2,7 @@ import json
 import random
 import tarfile
 
-from nxtrec.synth import CATEGORIES, generate, glyph_image, render_scene
+from nxtrec.data.synth import CATEGORIES, generate, glyph_image, render_scene
 
 
 def test_categories_are_many_everyday_nouns_with_glyphs():

@@ -19,28 +19,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nxtrec.config import TEMPLATES, ModelConfig
-from nxtrec.model import NxtpModel, training_mask
-from nxtrec.pretrained import build_model, load_model_dir, preset_config
-from nxtrec.recognizer import Recognizer
-from nxtrec.train import (
-    IGNORE,
-    DistInfo,
-    TrainingDiverged,
-    TrainStep,
-    checkpoint_dirs,
-    lr_factor,
-    make_data,
-    make_text_batch,
-    plan_parameters,
-    plot_run,
-    read_checkpoint,
-    read_metrics,
-    retained_steps,
-    train,
-    warmup_steps,
-)
-from nxtrec.train_config import load_config
+from nxtrec.inference.recognizer import Recognizer
+from nxtrec.model.config import TEMPLATES, ModelConfig
+from nxtrec.model.directory import build_model, load_model_dir
+from nxtrec.model.masks import training_mask
+from nxtrec.model.network import NxtpModel
+from nxtrec.model.presets import preset_config
+from nxtrec.training.checkpoint import checkpoint_dirs, read_checkpoint, retained_steps
+from nxtrec.training.config import load_config
+from nxtrec.training.data import make_data
+from nxtrec.training.distributed import DistInfo
+from nxtrec.training.errors import TrainingDiverged
+from nxtrec.training.logger import plot_run, read_metrics
+from nxtrec.training.main import train
+from nxtrec.training.params import plan_parameters
+from nxtrec.training.scheduler import lr_factor, warmup_steps
+from nxtrec.training.step import TrainStep
+from nxtrec.training.text import IGNORE, make_text_batch
 
 WORDS = "dog cat car tree apple banana umbrella chair table sofa bird horse".split()
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (220, 220, 40), (200, 40, 200), (40, 200, 200)]
@@ -420,8 +415,9 @@ def test_slurm_script_starts_torchrun_with_a_rendezvous(shards, tmp_path):
 WORKER = textwrap.dedent(
     """
     import json, sys, torch
-    from nxtrec.train import setup_distributed, train
-    from nxtrec.train_config import load_config
+    from nxtrec.training.distributed import setup_distributed
+    from nxtrec.training.main import train
+    from nxtrec.training.config import load_config
 
     out, overrides = sys.argv[1], sys.argv[2:]
     info = setup_distributed("cpu")

@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 
-from nxtrec.cli import main as cli_main
-from nxtrec.train_config import (
+from nxtrec.cli.main import main as cli_main
+from nxtrec.training.config import (
     CONFIG_DIR,
     TrainConfig,
     TrainConfigError,

@@ -1,5 +1,5 @@
 import sys
 
-from nxtrec.cli import main
+from nxtrec.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,62 @@
+"""`nxtrec train CONFIG` (also under `torchrun ... -m nxtrec train CONFIG`) and
+`nxtrec plot RUN_DIR`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (one process, or every process of torchrun / srun)",
+        description="Train as configured by CONFIG: a TOML file, or a shipped recipe name "
+        "(base, g3m, g70m, tiny-cpu). Continues from the run directory's newest checkpoint "
+        "when there is one.",
+    )
+    p.add_argument("config", help="config file or shipped recipe name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key; VALUE is a TOML literal (2e-5, true, \"text\", [1, 2]); repeatable")
+    p.add_argument("--run-dir", help="shorthand for --set run.dir=DIR")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="resume from the newest checkpoint of the run directory (an error if there is none; "
+                   "without this flag a run resumes when it has one), or from checkpoint folder CKPT")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run_train)
+
+    q = sub.add_parser("plot", help="draw a run's loss and learning-rate curves to a PNG")
+    q.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    q.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png)")
+    q.set_defaults(func=run_plot)
+
+
+def run_train(args) -> int:
+    from nxtrec.training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir:
+        cfg.run.dir = args.run_dir
+    if args.print_config:
+        sys.stdout.write(cfg.to_toml())
+        return 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        import warnings
+
+        warnings.simplefilter("ignore")  # non-zero ranks stay quiet; errors still surface
+    from nxtrec.training.main import train
+
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {summary['step']} steps in {summary['run_dir']}; last loss {summary['loss']}")
+        if summary["final"]:
+            print(f"model: {summary['final']}  (nxtrec predict IMAGE --model {summary['final']})")
+    return 0
+
+
+def run_plot(args) -> int:
+    from nxtrec.training.logger import plot_run
+
+    out = plot_run(args.run_dir, args.out)
+    print(f"wrote {out}")
+    return 0

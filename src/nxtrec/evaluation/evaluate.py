@@ -1,0 +1,127 @@
+"""`nxtrec eval`: predict labels for validation shards and score them (metric.py).
+
+Predictions are made once with the largest k and cut for every requested k. Under torchrun
+each rank predicts its share of the shards; the per-image records are gathered on rank 0,
+which scores them all, so the numbers are exactly those of one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from nxtrec.evaluation.embedders import build_embedder
+from nxtrec.evaluation.metric import Summary, format_table, score_records
+
+
+def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: int | None = None, progress: bool = True) -> list[dict]:
+    """One record per image: {"image", "gt", "pred": [{"label", "prob"}...]}."""
+    from tqdm import tqdm
+
+    records = []
+    with tqdm(total=limit or loader.num_samples, unit="img", desc="predict", disable=None if progress else True) as bar:
+        for batch in loader:
+            keep = [i for i in range(len(batch)) if not bool(batch.padded[i])]
+            if limit is not None:
+                keep = keep[: max(0, limit - len(records))]
+            if not keep:
+                break
+            labels = recognizer.predict_batch(batch.pixels[keep], top_k=k, ranking=ranking)
+            for i, labs in zip(keep, labels):
+                records.append({"image": batch.keys[i], "gt": batch.labels[i], "pred": [l.to_dict() for l in labs]})
+            bar.update(len(keep))
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def gather_records(records: list[dict]) -> list[dict] | None:
+    """All ranks' records on rank 0 (None elsewhere); the records themselves without torchrun."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return records
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(records, parts, dst=0)
+    return [r for part in parts for r in part] if parts is not None else None
+
+
+def label_strings(record: dict) -> list[str]:
+    return [p["label"] if isinstance(p, dict) else p for p in record["pred"]]
+
+
+def score(records: list[dict], k_values: list[int], embedder_name: str = "minilm", device: str = "cpu",
+          clip_file: str | None = None, clip_vocab: str | None = None) -> dict[int, Summary]:
+    embedder = build_embedder(embedder_name, device, clip_file, clip_vocab)
+    plain = [{"image": r["image"], "gt": r["gt"], "pred": label_strings(r)} for r in records]
+    return score_records(plain, k_values, embedder)
+
+
+def write_outputs(records, summaries: dict[int, Summary], out: Path, info: dict) -> None:
+    """`out` (JSON summary), `out` with .jsonl (per-image predictions, GT and scores), and a
+    row per k appended to results.md / results.csv beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = sorted(records, key=lambda r: str(r["image"]))
+    per_image = out.with_suffix(".jsonl")
+    tmp = per_image.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for i, r in enumerate(records):
+            scores = {str(k): vars(s.per_image[i]) for k, s in summaries.items()}
+            f.write(json.dumps({**r, "scores": scores}, ensure_ascii=False) + "\n")
+    os.replace(tmp, per_image)
+    summary = {**info, "results": [s.row() for s in summaries.values()], "predictions": str(per_image)}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out)
+    columns = ["model", "data", "k", "sampler", "ranking", "embedder", "n_images", "R", "P", "F1", "div_mean", "div_std", "seconds"]
+    md, csv = out.parent / "results.md", out.parent / "results.csv"
+    new_md, new_csv = not md.exists(), not csv.exists()
+    with open(md, "a") as fm, open(csv, "a") as fc:
+        if new_md:
+            fm.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
+        if new_csv:
+            fc.write(",".join(columns) + "\n")
+        for s in summaries.values():
+            values = [info["model"], info["data"], s.k, info["sampler"], info["ranking"], info["embedder"], s.n_images,
+                      f"{s.recall:.5f}", f"{s.precision:.5f}", f"{s.f1:.5f}", f"{s.div_mean:.5f}", f"{s.div_std:.5f}",
+                      f"{info['seconds']:.1f}"]
+            fm.write("| " + " | ".join(str(v) for v in values) + " |\n")
+            fc.write(",".join(str(v) for v in values) + "\n")
+
+
+def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None, registry=None, batch_size=16,
+             device="cpu", dtype="float32", limit=None, num_workers=1, progress=True, clip_file=None,
+             clip_vocab=None) -> dict[int, Summary] | None:
+    """Predict and score; returns the summaries on rank 0 (None on other ranks). The CLIP
+    embedder needs `clip_file` and `clip_vocab` (see metric.CLIPEmbedder)."""
+    import torch.distributed as dist
+
+    from nxtrec.data.loader import build_loader
+    from nxtrec.inference.recognizer import Recognizer
+
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    start = time.perf_counter()
+    rec = Recognizer.from_pretrained(model, device=device, dtype=dtype)
+    loader = build_loader(data, registry, batch_size=batch_size, image_size=rec.config.encoder.image_size,
+                          num_workers=num_workers, balance="exact")
+    with torch.inference_mode():
+        records = predict_records(rec, loader, max(k_values), ranking, limit, progress)
+    records = gather_records(records)
+    if records is None:
+        return None
+    summaries = score(records, sorted(k_values), embedder, "cpu", clip_file, clip_vocab)
+    info = {"model": str(model), "data": str(data), "sampler": "one-shot", "ranking": ranking, "embedder": embedder,
+            "seconds": time.perf_counter() - start}
+    if out:
+        write_outputs(records, summaries, out, info)
+    return summaries
+
+
+__all__ = ["evaluate", "predict_records", "score", "format_table", "write_outputs"]

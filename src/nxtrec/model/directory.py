@@ -1,0 +1,129 @@
+"""Model directories: `config.json` + `model.safetensors` + `tokenizer.model`, one folder,
+loadable by one call."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nxtrec.errors import NxtrecError
+from nxtrec.model.config import EncoderConfig, ModelConfig, llama_hidden_dim
+from nxtrec.model.network import NxtpModel
+from nxtrec.model.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(NxtrecError):
+    pass
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).parents[1] / "assets" / "default-model"
+
+
+def check_state_dict(expected: dict, got: dict, source: str, allow_missing=()) -> None:
+    """Every expected tensor present with the expected shape, nothing unexpected; the error
+    names the key and both shapes."""
+    for key, ref in expected.items():
+        if key not in got:
+            if not any(key.startswith(p) for p in allow_missing):
+                raise CheckpointError(f"{source}: missing tensor {key!r} (expected shape {tuple(ref.shape)})")
+        elif tuple(got[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(got[key].shape)}, the model expects {tuple(ref.shape)}"
+            )
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+
+
+def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, empty: bool = False) -> NxtpModel:
+    """A model with random weights, or with uninitialised storage when `empty` (about to be
+    filled from a checkpoint, which saves initialising billions of parameters)."""
+    if empty:
+        with torch.device("meta"):
+            model = NxtpModel(config)
+        return model.to_empty(device=device).to(dtype)
+    with torch.device(device):
+        return NxtpModel(config).to(dtype)
+
+
+def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "float32"):
+    """Load (model, tokenizer) from a model directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory not found (expected {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE})")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE} and {TOKENIZER_FILE}")
+    config = ModelConfig.load(path / CONFIG_FILE)
+    tokenizer = Tokenizer(path / TOKENIZER_FILE, config.special_tokens, config.delimiter)
+    if tokenizer.vocab_size != config.decoder.vocab_size:
+        raise CheckpointError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens with the special tokens, config says vocab_size {config.decoder.vocab_size}"
+        )
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot read safetensors file ({e})") from None
+    model = build_model(config, device, dtype, empty=True)
+    check_state_dict(model.state_dict(), state, str(path / WEIGHTS_FILE))
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval(), tokenizer
+
+
+def save_model_dir(model: NxtpModel, tokenizer_file: str | Path, out: str | Path) -> Path:
+    """Write a model directory. Files are written to a temporary folder next to `out` and
+    moved into place, so an interrupted save never leaves a half-written model."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.save(tmp / CONFIG_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if Path(tokenizer_file).resolve() != (tmp / TOKENIZER_FILE).resolve():
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        out.mkdir(exist_ok=True)
+        for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+VIT_L14 = EncoderConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224)
+LLAMA2_7B = dict(dim=4096, n_heads=32, hidden_dim=llama_hidden_dim(4096), norm_eps=1e-5, rope_theta=10000.0)
+PRESETS: dict[str, tuple[EncoderConfig, dict]] = {
+    # The released architectures.
+    "nxtp-1.78b": (VIT_L14, dict(LLAMA2_7B, n_layers=6)),
+    "nxtp-0.77b": (VIT_L14, dict(LLAMA2_7B, n_layers=1)),
+    # Small ones of the same architecture, for tests, benchmarks and the demo model.
+    "tiny": (
+        EncoderConfig(width=64, layers=2, heads=4, patch_size=16, image_size=64),
+        dict(dim=64, n_layers=2, n_heads=4, hidden_dim=llama_hidden_dim(64, multiple_of=16)),
+    ),
+    # The bundled demo model, trained on synthetic scenes (configs/demo.toml, demo-stage2.toml).
+    "demo": (
+        EncoderConfig(width=192, layers=4, heads=3, patch_size=16, image_size=112),
+        dict(dim=256, n_layers=3, n_heads=4, hidden_dim=llama_hidden_dim(256, multiple_of=32)),
+    ),
+    "small": (
+        EncoderConfig(width=256, layers=4, heads=4, patch_size=32, image_size=224),
+        dict(dim=256, n_layers=4, n_heads=4, hidden_dim=llama_hidden_dim(256, multiple_of=32)),
+    ),
+}

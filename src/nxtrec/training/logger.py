@@ -1,0 +1,115 @@
+"""Metrics of a run: JSON lines, TensorBoard, plots."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from nxtrec.training.distributed import DistInfo
+from nxtrec.training.errors import TrainError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Metrics:
+    """Main rank only: JSON lines (`metrics.jsonl`) and TensorBoard. On resume the records
+    after the checkpoint's step (written by the interrupted run) are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / METRICS_FILE
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError as e:
+                warnings.warn(f"TensorBoard logging is off ({e})")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise TrainError(f"{run_dir}: no {METRICS_FILE} (is this a run directory?)")
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Loss and learning-rate curves of a run as one PNG (default RUN_DIR/curves.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    if not records:
+        raise TrainError(f"{run_dir}: {METRICS_FILE} has no loss records yet")
+    steps = [r["step"] for r in records]
+    loss = [r["loss"] for r in records]
+    lr = [r.get("lr", float("nan")) for r in records]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax1.plot(steps, loss, lw=0.8, alpha=0.5 if len(loss) > 50 else 1.0, label="loss")
+    if len(loss) > 50:
+        w = max(len(loss) // 50, 2)
+        smooth = [sum(loss[max(0, i - w + 1) : i + 1]) / len(loss[max(0, i - w + 1) : i + 1]) for i in range(len(loss))]
+        ax1.plot(steps, smooth, lw=1.5, label=f"mean of {w}")
+    ax1.set_ylabel("training loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(steps, lr, color="tab:orange")
+    ax2.set_ylabel("learning rate")
+    ax2.set_xlabel("optimizer step")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def say(info: DistInfo, *args) -> None:
+    if info.main:
+        print(*args, file=sys.stderr, flush=True)

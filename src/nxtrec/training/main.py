@@ -1,0 +1,283 @@
+"""Training (DESIGN.md sections 6-8): one process on a CPU or GPU, `torchrun` on a node, or
+many nodes under Slurm, with PyTorch's own engine (DDP, or FSDP2 `fully_shard`).
+
+One optimizer step:
+1. every process takes `accum` micro-batches of (pixels, labels) from its share of the data;
+2. each micro-batch becomes one sequence per image, `[P image tokens][<|image|>][<s>]
+   [template] " label1, label2, ..." [EOS]`, with one template per micro-batch and the labels
+   shuffled per sample (both drawn from a generator seeded by (seed, step, slot), so a resumed
+   run draws exactly what an uninterrupted one would), padded to the longest sample;
+3. the decoupled-label mask (section 7) is built vectorised; the decoder's output layer runs
+   only at positions that have a target; the loss is the cross-entropy of the targets;
+4. gradients are accumulated (DDP synchronises on the last micro-batch), the token-embedding
+   gradient is masked to the configured rows, unscaled (fp16), clipped, and AdamW steps with
+   linear warm-up + cosine.
+
+Checkpoints (`RUN_DIR/checkpoints/ckpt-STEP/`) hold the trainable tensors (safetensors) and
+`state.pt` (optimizer, scheduler, scaler, step, RNG, every rank's data position), which loads
+with `torch.load(weights_only=True)`; each is written to a temporary folder and renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nxtrec.errors import NxtrecError
+from nxtrec.training.checkpoint import checkpoint_dirs, find_resume, read_checkpoint
+from nxtrec.training.config import (
+    TrainConfig,
+    TrainConfigError,
+    diff_configs,
+    load_config,
+)
+from nxtrec.training.data import make_data
+from nxtrec.training.distributed import DistInfo, all_reduce, barrier, setup_distributed
+from nxtrec.training.errors import TrainError, TrainingDiverged
+from nxtrec.training.logger import Metrics, hms, say
+from nxtrec.training.scheduler import warmup_steps
+from nxtrec.training.step import AUTOCAST, apply_update, forward_backward
+from nxtrec.training.text import TextBatch, make_text_batch, text_rng
+from nxtrec.training.trainer import (
+    Trainer,
+    build_trainer,
+    export_model,
+    load_optimizer_state,
+    resolve_init_dir,
+    save_checkpoint,
+)
+
+CONFIG_FILE = "config.toml"
+
+
+def train(cfg: TrainConfig, resume: str | bool | None = None, data=None, info: DistInfo | None = None,
+          grad_hook=None) -> dict:
+    """Train as configured. `resume`: None = continue from the newest checkpoint of the run
+    directory if there is one, True = it must exist, a path = that checkpoint. `data`: a batch source replacing the configured shards (tests, custom pipelines).
+    `grad_hook(step, params)`: called with the final gradients of every step (after masking,
+    unscaling and clipping, before the update; `step` counts from 1).
+    Returns a summary (run directory, steps, last loss, exported model)."""
+    own_info = info is None
+    info = info or setup_distributed(cfg.run.device)
+    try:
+        return _train(cfg, resume, data, info, grad_hook)
+    finally:
+        if own_info and info.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
+    run_dir = Path(cfg.run.dir)
+    world, rank = info.world, info.rank
+    micro, glob_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if glob_batch % (micro * world):
+        raise TrainConfigError(
+            f"train.global_batch_size {glob_batch} is not a multiple of micro_batch_size x processes = {micro} x {world}"
+        )
+    accum = glob_batch // (micro * world)
+    if cfg.train.parallel == "fsdp" and not info.enabled:
+        raise TrainConfigError("train.parallel = 'fsdp' needs torchrun (several processes)")
+    if data is None and not (cfg.data.datasets or cfg.data.shards):
+        raise TrainConfigError("no training data: set data.datasets (names in data.registry) or data.shards (files, globs)")
+    if data is None and cfg.data.datasets and not cfg.data.registry:
+        from nxtrec.data.registry import default_registry_path
+
+        if not default_registry_path().is_file():
+            raise TrainConfigError(
+                f"data.datasets {cfg.data.datasets} are registry names, but data.registry is not set and there is "
+                f"no {default_registry_path()} (see docs/data.md)"
+            )
+    if cfg.model.init and not (Path(cfg.model.init) / "config.json").is_file():
+        raise TrainConfigError(
+            f"model.init = {cfg.model.init!r}: no model directory there (make one with `nxtrec convert llama ...`, "
+            "or set model.preset for random weights)"
+        )
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (run_dir / "checkpoints").glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier(info)
+    torch.manual_seed(cfg.run.seed)
+
+    init_dir = resolve_init_dir(cfg, run_dir, info)
+    from nxtrec.model.config import ModelConfig
+
+    model_config = ModelConfig.load(init_dir / "config.json")
+    source = data if data is not None else make_data(cfg, model_config, info)
+    if cfg.train.max_steps > 0:
+        total = cfg.train.max_steps
+    else:
+        per_rank = torch.tensor([float(source.batches_per_epoch())], device=info.device)
+        per_rank = int(all_reduce(per_rank, info, dist.ReduceOp.MIN).item())
+        total = cfg.train.epochs * (per_rank // accum)
+        if total < 1:
+            raise TrainError(f"one epoch gives this process {per_rank} micro-batches of {micro}: no full step of {accum}")
+    tr = build_trainer(cfg, info, init_dir, total)
+
+    # resume
+    ckpt = find_resume(run_dir, resume)
+    start = 0
+    if ckpt is not None:
+        tensors, state = read_checkpoint(ckpt)
+        differ = sorted(set(tr.plan.trainable) ^ set(tensors))
+        if differ:
+            raise TrainError(f"{ckpt}: its trainable tensors differ from this config's params.trainable (e.g. {differ[0]!r})")
+        if state.get("world_size") != world and state.get("data") is not None:
+            raise TrainError(f"{ckpt}: saved by {state.get('world_size')} processes; resume with the same number (now {world})")
+        with torch.no_grad():
+            for n in tr.plan.trainable:
+                p = tr.params[n]
+                if hasattr(p, "device_mesh"):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    p.copy_(distribute_tensor(tensors[n].to(p.device, p.dtype), p.device_mesh, p.placements))
+                else:
+                    p.copy_(tensors[n])
+        load_optimizer_state(tr, state["optimizer"])
+        tr.scheduler.load_state_dict(state["scheduler"])
+        if tr.scaler is not None and state.get("scaler"):
+            tr.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        source.load_state_dict(state["data"][rank])
+        start = int(state["step"])
+        if info.main:  # checkpoints past the one resumed from belong to an abandoned trajectory
+            for s, d in checkpoint_dirs(run_dir):
+                if s > start:
+                    os.replace(d, d.with_name(f"{d.name}.abandoned-{int(time.time())}"))
+                    say(info, f"note: {d} is newer than the checkpoint resumed from; renamed it *.abandoned-*")
+        barrier(info)
+        saved = run_dir / CONFIG_FILE
+        if info.main and saved.is_file():
+            with contextlib.suppress(NxtrecError):
+                changes = diff_configs(load_config(saved), cfg)
+                if changes:
+                    say(info, "note: the config differs from the run's saved config:\n  " + "\n  ".join(changes))
+        say(info, f"resuming from {ckpt} at step {start} of {total}" + (" (already complete)" if start >= total else ""))
+    if info.main:
+        cfg.save(run_dir / CONFIG_FILE)
+        n_all = sum(p.numel() for p in tr.params.values())
+        n_train = sum(tr.params[n].numel() for n in tr.plan.trainable)
+        say(info, f"model {init_dir}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
+                   f"{world} process(es) on {info.device.type}, global batch {glob_batch} = {micro} x {accum} accumulation x {world}; "
+                   f"{total} steps, warm-up {warmup_steps(cfg, total)}")
+    metrics = Metrics(run_dir, start, cfg.log.tensorboard, info.main)
+
+    autocast_dtype = AUTOCAST[cfg.train.precision]
+    amp = (
+        torch.autocast(info.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    bar = None
+    lines = info.main and cfg.log.progress and not sys.stderr.isatty()  # e.g. a Slurm log: no \r bar
+    if info.main and cfg.log.progress and not lines:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    last = {}
+    step = start
+    t_start = time.perf_counter()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            batches = [source.next_batch() for _ in range(accum)]
+            texts = [
+                _text_batch(tr, labels, text_rng(cfg.run.seed, step, k * world + rank), model_config)
+                for k, (_, labels) in enumerate(batches)
+            ]
+            stats = forward_backward(tr, batches, texts, amp)
+            if cfg.loss.reduction == "tokens":
+                loss = float(stats[0] / stats[1]) if stats[1] > 0 else 0.0
+            else:
+                loss = float(stats[2] / (accum * world))
+            if not math.isfinite(loss):
+                good = checkpoint_dirs(run_dir)
+                where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"step {step + 1}: the loss is {loss}; stopped before applying this update ({where}; "
+                    f"resume from it with a lower optim.lr or with optim.grad_clip)"
+                )
+            lr = tr.optimizer.param_groups[0]["lr"]
+            grad_norm = apply_update(tr, step + 1, grad_hook)
+            step += 1
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
+            dt = time.perf_counter() - t0
+            images = float(stats[3])
+            last = {"step": step, "epoch": getattr(source, "epoch", 0), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "images_per_s": images / dt, "step_time": dt, "targets": int(stats[1]), "padded_tokens": int(stats[4])}
+            if tr.scaler is not None:
+                last["scale"] = float(tr.scaler.get_scale())
+            if step % cfg.log.every == 0 or step == total:
+                metrics.write(last)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / dt:.1f}", refresh=False)
+                bar.update(1)
+            elif lines and (step % cfg.log.every == 0 or step == total):
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / (step - start) * (total - step)
+                say(info, f"step {step}/{total}  loss {loss:.4f}  lr {lr:.3e}  {images / dt:.1f} img/s  "
+                           f"elapsed {hms(elapsed)}  eta {hms(eta)}")
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
+                metrics.write(evaluate_during_training(tr, step))
+            if step % cfg.checkpoint.every == 0 or step == total:
+                save_checkpoint(tr, run_dir, step, source)
+            if cfg.run.kill_after_steps and step == cfg.run.kill_after_steps:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # testing: die like a preempted job
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+
+    final = None
+    if cfg.checkpoint.export:
+        final = export_model(tr, run_dir / "final", step)
+        say(info, f"exported {final}")
+    barrier(info)
+    return {"run_dir": str(run_dir), "step": step, "total_steps": total, "loss": last.get("loss"),
+            "final": str(final) if final else None, "checkpoint": str(checkpoint_dirs(run_dir)[-1][1]) if checkpoint_dirs(run_dir) else None}
+
+
+def evaluate_during_training(tr: Trainer, step: int) -> dict:
+    """R/P/F1 of the current weights on the first `eval.images` validation images (main rank
+    only; the other ranks wait at their next collective)."""
+    from nxtrec.data.loader import build_loader
+    from nxtrec.evaluation.evaluate import predict_records, score
+    from nxtrec.inference.recognizer import Recognizer
+
+    cfg = tr.cfg.eval
+    if not cfg.data:
+        raise TrainConfigError("eval.every is set but eval.data names no validation shards")
+    if tr.cfg.train.parallel == "fsdp":
+        raise TrainConfigError("eval.every needs whole weights on the main rank: use train.parallel = \"ddp\"")
+    if not tr.info.main:
+        return {}
+    rec = Recognizer(tr.model, tr.tokenizer, tr.info.device)
+    loader = build_loader(cfg.data, tr.cfg.data.registry or None, batch_size=cfg.batch_size,
+                          image_size=tr.model.config.encoder.image_size, num_workers=0, rank=0, world_size=1)
+    with torch.inference_mode():
+        records = predict_records(rec, loader, max(cfg.top_k), limit=cfg.images, progress=False)
+    tr.model.train()
+    record = {"step": step}
+    for k, s in score(records, sorted(cfg.top_k)).items():
+        record.update({f"eval_R@{k}": s.recall, f"eval_P@{k}": s.precision, f"eval_F1@{k}": s.f1})
+    say(tr.info, "eval at step {}: {}".format(step, "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")))
+    return record
+
+
+def _text_batch(tr: Trainer, labels, rng: random.Random, model_config) -> TextBatch:
+    cfg = tr.cfg
+    template = rng.choice(cfg.data.templates)
+    return make_text_batch(tr.tokenizer, labels, template, rng, model_config.encoder.num_patches, cfg.data.max_seq_len,
+                           cfg.data.padding, cfg.loss.span, model_config.image_token)

@@ -1,17 +1,6 @@
-"""Dataset registry, shard lengths, and the streaming loader.
+"""The streaming loader (WebDataset shards -> batches of CLIP pixels and labels).
 
-Registry (TOML, or YAML with the same structure):
-
-    root = "/data"                  # optional; default: the registry file's folder
-    [datasets.coco_valid]
-    shards = "coco/coco_valid"      # a folder (its *.tar), a file, a glob or a brace
-    split = "val2017"               # pattern such as "cc3m/{000000..000331}.tar";
-    weight = 1.0                    # or a list of those
-
-Lengths come from the `manifest.json` written by `nxtrec pack` / `nxtrec labels add`, or
-are counted once (tar headers only) and cached in `.nxtrec-count.json` beside the shards.
-
-The loader: every epoch the shards of all datasets are laid end to end (shuffled at shard
+Every epoch the shards of all datasets are laid end to end (shuffled at shard
 level by (seed, epoch) when shuffling) as one sequence of N samples; each rank takes a
 contiguous range of it and splits that range among its DataLoader workers. A stream (one
 worker of one rank) reads only the shards its range covers, a boundary shard partly, so

@@ -1,5 +1,4 @@
-"""Pack image-caption datasets into WebDataset shards with their labels, and add labels to
-existing shards (img2dataset output).
+"""Pack image-caption datasets into WebDataset shards with their labels (`nxtrec pack`).
 
 A shard `NNNNNN.tar` holds, per sample, `KEY.jpg` (or .png/.webp), `KEY.txt` (the caption)
 and `KEY.json` ({"caption", "source", "split", "labels"}). `manifest.json` beside the shards

@@ -1,5 +1,15 @@
-"""The dataset registry (a TOML file of names, roots and shard patterns) and shard lengths,
-counted once and cached."""
+"""The dataset registry and shard lengths.
+
+Registry (TOML, or YAML with the same structure):
+
+    root = "/data"                  # optional; default: the registry file's folder
+    [datasets.coco_valid]
+    shards = "coco/coco_valid"      # a folder (its *.tar), a file, a glob or a brace
+    split = "val2017"               # pattern such as "cc3m/{000000..000331}.tar";
+    weight = 1.0                    # or a list of those
+
+Lengths come from the `manifest.json` written by `nxtrec pack` / `nxtrec labels add`, or
+are counted once (tar headers only) and cached in `.nxtrec-count.json` beside the shards."""
 
 from __future__ import annotations
 

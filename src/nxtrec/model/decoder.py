@@ -1,9 +1,5 @@
-"""The nxtp model in one file: a CLIP ViT encoder whose patch tokens, projected to the decoder
-width, prefix a LLaMA-2 decoder truncated to its first blocks (DESIGN.md sections 3-7).
-
-Parameter names follow the released checkpoints, so state dicts load without renaming:
-`vision_encoder.*` is OpenAI CLIP's `visual.*` (with `proj` a bias-free Linear to the decoder
-width) and `language_decoder.*` is Meta's LLaMA layout (`layers.N.attention.wq`, ...).
+"""The language decoder: LLaMA-2 truncated to its first blocks, in Meta's layout
+(`layers.N.attention.wq`, ...; DESIGN.md section 4).
 
 The decoder has two ways to run attention:
 - `Decoder.forward`: a whole sequence with an additive mask (training, the prompt prefix, and
@@ -59,6 +55,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, inner, bias=False)
         self.wv = nn.Linear(cfg.dim, inner, bias=False)
         self.wo = nn.Linear(inner, cfg.dim, bias=False)
+        # Set only while nxtrec.inference.attention records attention probabilities.
+        self.probe = None
 
     def qkv(self, x, cos, sin):
         b, s, _ = x.shape
@@ -71,6 +69,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask):
         """Whole sequence. Returns the output and this layer's keys/values [B, H, S, D]."""
         q, k, v = self.qkv(x, cos, sin)
+        if self.probe is not None:
+            self.probe.prefix(q, k, mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).flatten(2)), (k, v)
 
@@ -93,6 +93,8 @@ class Attention(nn.Module):
         own_scores = torch.einsum("nhd,nhtd->nht", q2, k)
         probs = torch.cat([pre_scores, own_scores], dim=-1).float().mul(scale).softmax(-1).type_as(q)
         pre_p, own_p = probs.split([pk.shape[2], k.shape[2]], dim=-1)
+        if self.probe is not None:
+            self.probe.step(pre_p)
         out = torch.einsum("nht,nhtd->nhd", own_p, v)
         for img, start, end in groups:
             out[start:end] += torch.bmm(pre_p[start:end].transpose(0, 1), pv[img]).transpose(0, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -103,6 +104,37 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+class Progress:
+    """Main rank only: a progress bar on a terminal; on anything else (a Slurm log) a plain
+    line every `log.every` steps, with elapsed time and ETA."""
+
+    def __init__(self, info: DistInfo, log_cfg, start: int, total: int):
+        self.every, self.start, self.total = log_cfg.every, start, total
+        show = info.main and log_cfg.progress
+        self.lines = show and not sys.stderr.isatty()
+        self.bar = None
+        if show and not self.lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.t_start = time.perf_counter()
+
+    def update(self, record: dict) -> None:
+        step, loss, lr, img_s = record["step"], record["loss"], record["lr"], record["images_per_s"]
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
+            self.bar.update(1)
+        elif self.lines and (step % self.every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.t_start
+            eta = elapsed / (step - self.start) * (self.total - step)
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3e}  {img_s:.1f} img/s  "
+                  f"elapsed {hms(elapsed)}  eta {hms(eta)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def hms(seconds: float) -> str:

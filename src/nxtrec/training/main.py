@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nxtrec.errors import NxtrecError
+from nxtrec.model.config import ModelConfig
 from nxtrec.training.checkpoint import checkpoint_dirs, find_resume, read_checkpoint
 from nxtrec.training.config import (
     TrainConfig,
@@ -43,15 +43,15 @@ from nxtrec.training.config import (
 from nxtrec.training.data import make_data
 from nxtrec.training.distributed import DistInfo, all_reduce, barrier, setup_distributed
 from nxtrec.training.errors import TrainError, TrainingDiverged
-from nxtrec.training.logger import Metrics, hms, say
+from nxtrec.training.logger import Metrics, Progress, say
 from nxtrec.training.scheduler import warmup_steps
 from nxtrec.training.step import AUTOCAST, apply_update, forward_backward
-from nxtrec.training.text import TextBatch, make_text_batch, text_rng
+from nxtrec.training.text import make_text_batch, text_rng
 from nxtrec.training.trainer import (
     Trainer,
     build_trainer,
     export_model,
-    load_optimizer_state,
+    load_trainer_state,
     resolve_init_dir,
     save_checkpoint,
 )
@@ -62,7 +62,8 @@ CONFIG_FILE = "config.toml"
 def train(cfg: TrainConfig, resume: str | bool | None = None, data=None, info: DistInfo | None = None,
           grad_hook=None) -> dict:
     """Train as configured. `resume`: None = continue from the newest checkpoint of the run
-    directory if there is one, True = it must exist, a path = that checkpoint. `data`: a batch source replacing the configured shards (tests, custom pipelines).
+    directory if there is one, True = it must exist, a path = that checkpoint. `data`: a batch
+    source replacing the configured shards (tests, custom pipelines).
     `grad_hook(step, params)`: called with the final gradients of every step (after masking,
     unscaling and clipping, before the update; `step` counts from 1).
     Returns a summary (run directory, steps, last loss, exported model)."""
@@ -77,13 +78,47 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, data=None, info: D
 
 def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
     run_dir = Path(cfg.run.dir)
-    world, rank = info.world, info.rank
+    accum = accumulation_steps(cfg, info)
+    check_inputs(cfg, info, data)
+    prepare_run_dir(run_dir, info)
+    torch.manual_seed(cfg.run.seed)
+    init_dir = resolve_init_dir(cfg, run_dir, info)
+    model_config = ModelConfig.load(init_dir / "config.json")
+    source = data if data is not None else make_data(cfg, model_config, info)
+    total = total_steps(cfg, source, accum, info)
+    tr = build_trainer(cfg, info, init_dir, total)
+    start = resume_run(tr, run_dir, resume, source, total)
+    if info.main:
+        cfg.save(run_dir / CONFIG_FILE)
+        describe_run(tr, init_dir, total, accum)
+    step, last = run_steps(tr, source, model_config, run_dir, start, total, accum, grad_hook)
+    final = None
+    if cfg.checkpoint.export:
+        final = export_model(tr, run_dir / "final", step)
+        say(info, f"exported {final}")
+    barrier(info)
+    checkpoints = checkpoint_dirs(run_dir)
+    return {"run_dir": str(run_dir), "step": step, "total_steps": total, "loss": last.get("loss"),
+            "final": str(final) if final else None, "checkpoint": str(checkpoints[-1][1]) if checkpoints else None}
+
+
+# ---------------------------------------------------------------------------------------
+# before the first step
+# ---------------------------------------------------------------------------------------
+
+
+def accumulation_steps(cfg: TrainConfig, info: DistInfo) -> int:
+    """Micro-batches per process per step: global batch = micro batch x accumulation x processes."""
     micro, glob_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if glob_batch % (micro * world):
+    if glob_batch % (micro * info.world):
         raise TrainConfigError(
-            f"train.global_batch_size {glob_batch} is not a multiple of micro_batch_size x processes = {micro} x {world}"
+            f"train.global_batch_size {glob_batch} is not a multiple of micro_batch_size x processes = {micro} x {info.world}"
         )
-    accum = glob_batch // (micro * world)
+    return glob_batch // (micro * info.world)
+
+
+def check_inputs(cfg: TrainConfig, info: DistInfo, data) -> None:
+    """Fail before any work when the config cannot run: data, model and parallelism."""
     if cfg.train.parallel == "fsdp" and not info.enabled:
         raise TrainConfigError("train.parallel = 'fsdp' needs torchrun (several processes)")
     if data is None and not (cfg.data.datasets or cfg.data.shards):
@@ -101,152 +136,147 @@ def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
             f"model.init = {cfg.model.init!r}: no model directory there (make one with `nxtrec convert llama ...`, "
             "or set model.preset for random weights)"
         )
+
+
+def prepare_run_dir(run_dir: Path, info: DistInfo) -> None:
+    """Create the run directory; remove temporary folders of checkpoints that a killed run
+    did not finish writing."""
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     barrier(info)
-    torch.manual_seed(cfg.run.seed)
 
-    init_dir = resolve_init_dir(cfg, run_dir, info)
-    from nxtrec.model.config import ModelConfig
 
-    model_config = ModelConfig.load(init_dir / "config.json")
-    source = data if data is not None else make_data(cfg, model_config, info)
+def total_steps(cfg: TrainConfig, source, accum: int, info: DistInfo) -> int:
+    """`train.max_steps`, or the epochs' worth of full steps of the process with the fewest batches."""
     if cfg.train.max_steps > 0:
-        total = cfg.train.max_steps
-    else:
-        per_rank = torch.tensor([float(source.batches_per_epoch())], device=info.device)
-        per_rank = int(all_reduce(per_rank, info, dist.ReduceOp.MIN).item())
-        total = cfg.train.epochs * (per_rank // accum)
-        if total < 1:
-            raise TrainError(f"one epoch gives this process {per_rank} micro-batches of {micro}: no full step of {accum}")
-    tr = build_trainer(cfg, info, init_dir, total)
+        return cfg.train.max_steps
+    per_rank = torch.tensor([float(source.batches_per_epoch())], device=info.device)
+    per_rank = int(all_reduce(per_rank, info, dist.ReduceOp.MIN).item())
+    total = cfg.train.epochs * (per_rank // accum)
+    if total < 1:
+        raise TrainError(
+            f"one epoch gives this process {per_rank} micro-batches of {cfg.train.micro_batch_size}: no full step of {accum}"
+        )
+    return total
 
-    # resume
+
+def resume_run(tr: Trainer, run_dir: Path, resume, source, total: int) -> int:
+    """Load the checkpoint to resume from (if any) into the trainer and the data stream.
+    Returns the step to start from."""
+    info = tr.info
     ckpt = find_resume(run_dir, resume)
-    start = 0
-    if ckpt is not None:
-        tensors, state = read_checkpoint(ckpt)
-        differ = sorted(set(tr.plan.trainable) ^ set(tensors))
-        if differ:
-            raise TrainError(f"{ckpt}: its trainable tensors differ from this config's params.trainable (e.g. {differ[0]!r})")
-        if state.get("world_size") != world and state.get("data") is not None:
-            raise TrainError(f"{ckpt}: saved by {state.get('world_size')} processes; resume with the same number (now {world})")
-        with torch.no_grad():
-            for n in tr.plan.trainable:
-                p = tr.params[n]
-                if hasattr(p, "device_mesh"):
-                    from torch.distributed.tensor import distribute_tensor
+    if ckpt is None:
+        return 0
+    tensors, state = read_checkpoint(ckpt)
+    load_trainer_state(tr, ckpt, tensors, state)
+    source.load_state_dict(state["data"][info.rank])
+    start = int(state["step"])
+    if info.main:  # checkpoints past the one resumed from belong to an abandoned trajectory
+        for s, d in checkpoint_dirs(run_dir):
+            if s > start:
+                os.replace(d, d.with_name(f"{d.name}.abandoned-{int(time.time())}"))
+                say(info, f"note: {d} is newer than the checkpoint resumed from; renamed it *.abandoned-*")
+    barrier(info)
+    saved = run_dir / CONFIG_FILE
+    if info.main and saved.is_file():
+        with contextlib.suppress(NxtrecError):
+            changes = diff_configs(load_config(saved), tr.cfg)
+            if changes:
+                say(info, "note: the config differs from the run's saved config:\n  " + "\n  ".join(changes))
+    say(info, f"resuming from {ckpt} at step {start} of {total}" + (" (already complete)" if start >= total else ""))
+    return start
 
-                    p.copy_(distribute_tensor(tensors[n].to(p.device, p.dtype), p.device_mesh, p.placements))
-                else:
-                    p.copy_(tensors[n])
-        load_optimizer_state(tr, state["optimizer"])
-        tr.scheduler.load_state_dict(state["scheduler"])
-        if tr.scaler is not None and state.get("scaler"):
-            tr.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        source.load_state_dict(state["data"][rank])
-        start = int(state["step"])
-        if info.main:  # checkpoints past the one resumed from belong to an abandoned trajectory
-            for s, d in checkpoint_dirs(run_dir):
-                if s > start:
-                    os.replace(d, d.with_name(f"{d.name}.abandoned-{int(time.time())}"))
-                    say(info, f"note: {d} is newer than the checkpoint resumed from; renamed it *.abandoned-*")
-        barrier(info)
-        saved = run_dir / CONFIG_FILE
-        if info.main and saved.is_file():
-            with contextlib.suppress(NxtrecError):
-                changes = diff_configs(load_config(saved), cfg)
-                if changes:
-                    say(info, "note: the config differs from the run's saved config:\n  " + "\n  ".join(changes))
-        say(info, f"resuming from {ckpt} at step {start} of {total}" + (" (already complete)" if start >= total else ""))
-    if info.main:
-        cfg.save(run_dir / CONFIG_FILE)
-        n_all = sum(p.numel() for p in tr.params.values())
-        n_train = sum(tr.params[n].numel() for n in tr.plan.trainable)
-        say(info, f"model {init_dir}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
-                   f"{world} process(es) on {info.device.type}, global batch {glob_batch} = {micro} x {accum} accumulation x {world}; "
-                   f"{total} steps, warm-up {warmup_steps(cfg, total)}")
+
+def describe_run(tr: Trainer, init_dir: Path, total: int, accum: int) -> None:
+    cfg, info = tr.cfg, tr.info
+    n_all = sum(p.numel() for p in tr.params.values())
+    n_train = sum(tr.params[n].numel() for n in tr.plan.trainable)
+    say(info, f"model {init_dir}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
+              f"{info.world} process(es) on {info.device.type}, global batch {cfg.train.global_batch_size} = "
+              f"{cfg.train.micro_batch_size} x {accum} accumulation x {info.world}; "
+              f"{total} steps, warm-up {warmup_steps(cfg, total)}")
+
+
+# ---------------------------------------------------------------------------------------
+# the steps
+# ---------------------------------------------------------------------------------------
+
+
+def run_steps(tr: Trainer, source, model_config, run_dir: Path, start: int, total: int, accum: int,
+              grad_hook) -> tuple[int, dict]:
+    """Steps `start + 1 .. total`, each followed by its logging, evaluation and checkpoint.
+    Returns the last step and its record."""
+    cfg, info = tr.cfg, tr.info
     metrics = Metrics(run_dir, start, cfg.log.tensorboard, info.main)
-
+    progress = Progress(info, cfg.log, start, total)
     autocast_dtype = AUTOCAST[cfg.train.precision]
-    amp = (
-        torch.autocast(info.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    bar = None
-    lines = info.main and cfg.log.progress and not sys.stderr.isatty()  # e.g. a Slurm log: no \r bar
-    if info.main and cfg.log.progress and not lines:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    last = {}
+    amp = torch.autocast(info.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    last: dict = {}
     step = start
-    t_start = time.perf_counter()
     try:
         while step < total:
-            t0 = time.perf_counter()
-            batches = [source.next_batch() for _ in range(accum)]
-            texts = [
-                _text_batch(tr, labels, text_rng(cfg.run.seed, step, k * world + rank), model_config)
-                for k, (_, labels) in enumerate(batches)
-            ]
-            stats = forward_backward(tr, batches, texts, amp)
-            if cfg.loss.reduction == "tokens":
-                loss = float(stats[0] / stats[1]) if stats[1] > 0 else 0.0
-            else:
-                loss = float(stats[2] / (accum * world))
-            if not math.isfinite(loss):
-                good = checkpoint_dirs(run_dir)
-                where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"step {step + 1}: the loss is {loss}; stopped before applying this update ({where}; "
-                    f"resume from it with a lower optim.lr or with optim.grad_clip)"
-                )
-            lr = tr.optimizer.param_groups[0]["lr"]
-            grad_norm = apply_update(tr, step + 1, grad_hook)
-            step += 1
-            if info.device.type == "cuda":
-                torch.cuda.synchronize(info.device)
-            dt = time.perf_counter() - t0
-            images = float(stats[3])
-            last = {"step": step, "epoch": getattr(source, "epoch", 0), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "images_per_s": images / dt, "step_time": dt, "targets": int(stats[1]), "padded_tokens": int(stats[4])}
-            if tr.scaler is not None:
-                last["scale"] = float(tr.scaler.get_scale())
-            if step % cfg.log.every == 0 or step == total:
-                metrics.write(last)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / dt:.1f}", refresh=False)
-                bar.update(1)
-            elif lines and (step % cfg.log.every == 0 or step == total):
-                elapsed = time.perf_counter() - t_start
-                eta = elapsed / (step - start) * (total - step)
-                say(info, f"step {step}/{total}  loss {loss:.4f}  lr {lr:.3e}  {images / dt:.1f} img/s  "
-                           f"elapsed {hms(elapsed)}  eta {hms(eta)}")
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
-                metrics.write(evaluate_during_training(tr, step))
-            if step % cfg.checkpoint.every == 0 or step == total:
-                save_checkpoint(tr, run_dir, step, source)
-            if cfg.run.kill_after_steps and step == cfg.run.kill_after_steps:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.kill(os.getpid(), signal.SIGKILL)  # testing: die like a preempted job
+            last = train_step(tr, source, model_config, step, accum, amp, grad_hook, run_dir)
+            step = last["step"]
+            progress.update(last)
+            after_step(tr, source, metrics, last, run_dir, total)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
         metrics.close()
+    return step, last
 
-    final = None
-    if cfg.checkpoint.export:
-        final = export_model(tr, run_dir / "final", step)
-        say(info, f"exported {final}")
-    barrier(info)
-    return {"run_dir": str(run_dir), "step": step, "total_steps": total, "loss": last.get("loss"),
-            "final": str(final) if final else None, "checkpoint": str(checkpoint_dirs(run_dir)[-1][1]) if checkpoint_dirs(run_dir) else None}
+
+def train_step(tr: Trainer, source, model_config, step: int, accum: int, amp, grad_hook, run_dir: Path) -> dict:
+    """One optimizer step (the `step + 1`-th): micro-batches, their text, forward/backward,
+    update. Returns the step's metrics record."""
+    cfg, info = tr.cfg, tr.info
+    t0 = time.perf_counter()
+    batches = [source.next_batch() for _ in range(accum)]
+    texts = []
+    for k, (_, labels) in enumerate(batches):
+        rng = text_rng(cfg.run.seed, step, k * info.world + info.rank)
+        template = rng.choice(cfg.data.templates)
+        texts.append(make_text_batch(tr.tokenizer, labels, template, rng, model_config.encoder.num_patches,
+                                     cfg.data.max_seq_len, cfg.data.padding, cfg.loss.span, model_config.image_token))
+    stats = forward_backward(tr, batches, texts, amp)
+    if cfg.loss.reduction == "tokens":
+        loss = float(stats[0] / stats[1]) if stats[1] > 0 else 0.0
+    else:
+        loss = float(stats[2] / (accum * info.world))
+    if not math.isfinite(loss):
+        good = checkpoint_dirs(run_dir)
+        where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"step {step + 1}: the loss is {loss}; stopped before applying this update ({where}; "
+            f"resume from it with a lower optim.lr or with optim.grad_clip)"
+        )
+    lr = tr.optimizer.param_groups[0]["lr"]
+    grad_norm = apply_update(tr, step + 1, grad_hook)
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
+    dt = time.perf_counter() - t0
+    record = {"step": step + 1, "epoch": getattr(source, "epoch", 0), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "images_per_s": float(stats[3]) / dt, "step_time": dt, "targets": int(stats[1]),
+              "padded_tokens": int(stats[4])}
+    if tr.scaler is not None:
+        record["scale"] = float(tr.scaler.get_scale())
+    return record
+
+
+def after_step(tr: Trainer, source, metrics: Metrics, record: dict, run_dir: Path, total: int) -> None:
+    """What follows a step on its schedule: the metrics record, evaluation, the checkpoint."""
+    cfg, step = tr.cfg, record["step"]
+    if step % cfg.log.every == 0 or step == total:
+        metrics.write(record)
+    if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
+        metrics.write(evaluate_during_training(tr, step))
+    if step % cfg.checkpoint.every == 0 or step == total:
+        save_checkpoint(tr, run_dir, step, source)
+    if cfg.run.kill_after_steps and step == cfg.run.kill_after_steps:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # testing: die like a preempted job
 
 
 def evaluate_during_training(tr: Trainer, step: int) -> dict:
@@ -274,10 +304,3 @@ def evaluate_during_training(tr: Trainer, step: int) -> dict:
         record.update({f"eval_R@{k}": s.recall, f"eval_P@{k}": s.precision, f"eval_F1@{k}": s.f1})
     say(tr.info, "eval at step {}: {}".format(step, "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")))
     return record
-
-
-def _text_batch(tr: Trainer, labels, rng: random.Random, model_config) -> TextBatch:
-    cfg = tr.cfg
-    template = rng.choice(cfg.data.templates)
-    return make_text_batch(tr.tokenizer, labels, template, rng, model_config.encoder.num_patches, cfg.data.max_seq_len,
-                           cfg.data.padding, cfg.loss.span, model_config.image_token)

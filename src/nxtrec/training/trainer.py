@@ -13,6 +13,7 @@ from nxtrec.model.network import NxtpModel
 from nxtrec.training.checkpoint import write_checkpoint
 from nxtrec.training.config import TrainConfig, TrainConfigError
 from nxtrec.training.distributed import DistInfo, apply_fsdp, barrier, gather_objects
+from nxtrec.training.errors import TrainError
 from nxtrec.training.params import ParamPlan, plan_parameters
 from nxtrec.training.scheduler import lr_factor, warmup_steps
 from nxtrec.training.step import TrainStep, enable_activation_checkpointing
@@ -128,6 +129,29 @@ def optimizer_state(tr: Trainer):
 
         return get_optimizer_state_dict(tr.module, tr.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return tr.optimizer.state_dict()
+
+
+def load_trainer_state(tr: Trainer, ckpt: Path, tensors: dict, state: dict) -> None:
+    """Trainable tensors, optimizer, schedule, scaler and RNG from a checkpoint."""
+    differ = sorted(set(tr.plan.trainable) ^ set(tensors))
+    if differ:
+        raise TrainError(f"{ckpt}: its trainable tensors differ from this config's params.trainable (e.g. {differ[0]!r})")
+    if state.get("world_size") != tr.info.world and state.get("data") is not None:
+        raise TrainError(f"{ckpt}: saved by {state.get('world_size')} processes; resume with the same number (now {tr.info.world})")
+    with torch.no_grad():
+        for n in tr.plan.trainable:
+            p = tr.params[n]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                p.copy_(distribute_tensor(tensors[n].to(p.device, p.dtype), p.device_mesh, p.placements))
+            else:
+                p.copy_(tensors[n])
+    load_optimizer_state(tr, state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    if tr.scaler is not None and state.get("scaler"):
+        tr.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
 
 
 def load_optimizer_state(tr: Trainer, state) -> None:

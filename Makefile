@@ -13,9 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || \
 		{ apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji; } || \
 		echo "warning: install fonts-noto-color-emoji for nxtrec synth"
+	@# The web page test of `nxtrec serve` drives Debian's Chromium (skipped without it).
+	test -x /usr/bin/chromedriver || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
+		echo "warning: install chromium and chromium-driver for the browser test of nxtrec serve"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 
 demo: setup
@@ -23,6 +27,8 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+	@# install + a few commands on the other supported Pythons found here (3.10, 3.12, 3.13)
+	PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/smoke_pythons.sh
 
 bench: setup
 	$(VENV)/bin/nxtrec bench infer --preset nxtp-1.78b --top-k 20 --steps 3 --baseline

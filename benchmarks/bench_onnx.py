@@ -2,6 +2,7 @@
 ONNX layout (three decoder parts, no cache), on the same random weights, image, k and steps.
 
     python benchmarks/bench_onnx.py --preset nxtp-1.78b           # full size (~20 GB of disk)
+    python benchmarks/bench_onnx.py --preset nxtp-1.78b --paths torch,torch-int8,torch-bf16,onnx,onnx-int8
     python benchmarks/bench_onnx.py --preset small --overlap-images examples
     python benchmarks/bench_onnx.py --model converted-nxtp-g3m --work /tmp/bench-real   # real weights
 
@@ -14,7 +15,9 @@ Stages (artifacts are kept in --work and reused by later runs; --fresh rebuilds 
      greedy steps for every branch (the work is the same in all paths), peak RSS;
   4. agreement: branches (tokens, probabilities) of every path against PyTorch;
   5. int8 effect on predictions: full one-shot sampling (stopping at delimiters) with the
-     float and the int8 export on real images; overlap of the top-k label sets.
+     float and the int8 export on real images; overlap of the top-k label sets. The same for
+     the PyTorch int8 and bfloat16 paths (`--paths ...,torch-int8,torch-bf16`) against
+     PyTorch float32.
 
 Peak memory is the process's peak resident set size (VmHWM), which counts memory-mapped
 weight files too; the anonymous part is reported beside it.
@@ -30,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import nxtrec  # noqa: F401 - before torch (in the children), as in the CLI: its OpenMP setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +120,7 @@ def child_run(args) -> dict:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        rec = Recognizer.from_pretrained(args.dir)
+        rec = Recognizer.from_pretrained(args.dir, dtype=args.dtype or "float32")
         res["load"] = time.perf_counter() - t0
         pixels = rec.pixels([args.image])
         model, prompt, delim = rec.model, rec.prompt_ids, rec.tokenizer.delimiter_id
@@ -182,9 +187,19 @@ def child_run(args) -> dict:
 def child_labels(args) -> dict:
     """Full one-shot sampling (stopping at delimiters) on every image: top-k labels."""
     from nxtrec.model.image import list_images
-    from nxtrec.onnx.runtime import OnnxRecognizer
 
-    rec = OnnxRecognizer(args.dir, threads=args.threads)
+    if args.kind == "torch":
+        import torch
+
+        from nxtrec.inference.recognizer import Recognizer
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rec = Recognizer.from_pretrained(args.dir, dtype=args.dtype or "float32")
+    else:
+        from nxtrec.onnx.runtime import OnnxRecognizer
+
+        rec = OnnxRecognizer(args.dir, threads=args.threads)
     images = list_images([args.images])
     out, t = {}, time.perf_counter()
     for path in images:
@@ -253,12 +268,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions per path, fastest kept "
                    "(the released layout runs once: one repetition takes minutes at full size)")
     p.add_argument("--paths", default="torch,onnx,onnx-repeat,onnx-int8,released",
-                   help="comma-separated subset of torch,onnx,onnx-repeat,onnx-int8,released")
-    p.add_argument("--no-overlap", action="store_true", help="skip the int8 label-overlap measurement")
+                   help="comma-separated subset of torch,torch-int8,torch-bf16,onnx,onnx-repeat,onnx-int8,released")
+    p.add_argument("--no-overlap", action="store_true", help="skip the int8/bf16 label-overlap measurement")
     p.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help="use this model directory (e.g. converted real weights) instead of a random one")
-    for hidden in ("dir", "src", "kind", "cache", "k", "images"):
+    for hidden in ("dir", "src", "kind", "cache", "k", "images", "dtype"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -305,7 +320,8 @@ def main(argv=None) -> int:
                         for name, d in (("onnx", onnx), ("onnx-int8", int8), ("released", released)) if d.is_dir()}
     save()
 
-    runs = {"torch": dict(kind="torch", dir=model), "onnx": dict(kind="onnx", dir=onnx, cache="shared"),
+    runs = {"torch": dict(kind="torch", dir=model), "torch-int8": dict(kind="torch", dir=model, dtype="int8"),
+            "torch-bf16": dict(kind="torch", dir=model, dtype="bfloat16"), "onnx": dict(kind="onnx", dir=onnx, cache="shared"),
             "onnx-repeat": dict(kind="onnx", dir=onnx, cache="repeat"),
             "onnx-int8": dict(kind="onnx", dir=int8, cache="shared"), "released": dict(kind="onnx", dir=released)}
     for name in paths:
@@ -319,13 +335,20 @@ def main(argv=None) -> int:
 
     if not args.no_overlap:
         folder = args.overlap_images or ("/work/shared/images" if Path("/work/shared/images").is_dir() else str(ROOT / "examples"))
-        for name, d in (("onnx", onnx), ("onnx-int8", int8)):
+        # The ONNX pair always (as before); the PyTorch pairs when their reduced path ran.
+        pairs = [pair for pair in OVERLAP_PAIRS if pair[1] in paths or pair == OVERLAP_PAIRS[0]]
+        for name in dict.fromkeys(name for pair in pairs for name in pair):
             print(f"[labels {name}] top-{args.top_k} on {folder} ...", flush=True)
-            results.setdefault("labels", {})[name] = spawn("labels", dir=d, images=folder, k=args.top_k, threads=args.threads)
+            kw = {k: v for k, v in runs[name].items() if k != "cache"}
+            results.setdefault("labels", {})[name] = spawn("labels", images=folder, k=args.top_k, threads=args.threads, **kw)
             save()
     print()
     print(report(results))
     return 0
+
+
+# (reference, reduced precision) pairs whose top-k labels are compared on real images.
+OVERLAP_PAIRS = (("onnx", "onnx-int8"), ("torch", "torch-int8"), ("torch", "torch-bf16"))
 
 
 def _short(labels) -> str:
@@ -368,19 +391,24 @@ def report(results: dict) -> str:
             lines.append(f"  onnx vs released layout: {runs['released']['total'] / runs['onnx']['total']:.1f}x faster")
         lines.append("")
     labels = results.get("labels", {})
-    if "onnx" in labels and "onnx-int8" in labels:
-        a, b = labels["onnx"]["labels"], labels["onnx-int8"]["labels"]
-        overlaps, firsts = [], []
-        for img in a:
-            la, lb = [x["label"] for x in a[img]], [x["label"] for x in b[img]]
-            overlaps.append(len(set(la) & set(lb)) / max(len(la), 1))
-            firsts.append(la[:1] == lb[:1])
-            lines.append(f"  {Path(img).name:<20} top-{len(la)} overlap {overlaps[-1]:.2f}, top-1 "
-                         f"{'same' if firsts[-1] else 'differs'} ({_short(la)} / {_short(lb)})")
-        lines.append(f"int8 vs float32 labels: mean top-k overlap {sum(overlaps) / len(overlaps):.2f}, same top-1 "
-                     f"{sum(firsts)}/{len(firsts)}; time {labels['onnx']['seconds']:.0f} s vs "
-                     f"{labels['onnx-int8']['seconds']:.0f} s")
+    for ref, other in OVERLAP_PAIRS:
+        if ref in labels and other in labels:
+            lines += overlap_report(labels, ref, other)
     return "\n".join(lines)
+
+
+def overlap_report(labels: dict, ref: str, other: str) -> list[str]:
+    a, b = labels[ref]["labels"], labels[other]["labels"]
+    lines, overlaps, firsts = [], [], []
+    for img in a:
+        la, lb = [x["label"] for x in a[img]], [x["label"] for x in b[img]]
+        overlaps.append(len(set(la) & set(lb)) / max(len(la), 1))
+        firsts.append(la[:1] == lb[:1])
+        lines.append(f"  {Path(img).name:<20} top-{len(la)} overlap {overlaps[-1]:.2f}, top-1 "
+                     f"{'same' if firsts[-1] else 'differs'} ({_short(la)} / {_short(lb)})")
+    lines.append(f"{other} vs {ref} labels: mean top-k overlap {sum(overlaps) / len(overlaps):.2f}, same top-1 "
+                 f"{sum(firsts)}/{len(firsts)}; time {labels[ref]['seconds']:.0f} s vs {labels[other]['seconds']:.0f} s")
+    return lines
 
 
 if __name__ == "__main__":

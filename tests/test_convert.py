@@ -145,20 +145,17 @@ def _hf_permute(w, n_heads):
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def test_meta_and_hugging_face_llama_load_to_the_same_logits(tokenizer, tokenizer_file, tmp_path):
-    # A 4-block "LLaMA" in Meta's layout with the plain SentencePiece vocabulary.
-    llama = tiny_model(tokenizer, n_layers=4, seed=7).language_decoder
-    n = tokenizer.n_pieces
+def _meta_llama(llama, n_pieces: int) -> dict:
+    """A decoder's state dict as Meta's LLaMA file holds it: the plain SentencePiece vocabulary,
+    without the special-token rows."""
     meta = {k: v.clone() for k, v in llama.state_dict().items()}
-    meta["tok_embeddings.weight"] = meta["tok_embeddings.weight"][:n].clone()
-    meta["output.weight"] = meta["output.weight"][:n].clone()
-    cfg = llama.cfg
-    meta_dir, hf_dir = tmp_path / "meta", tmp_path / "hf"
-    meta_dir.mkdir()
-    torch.save(meta, meta_dir / "consolidated.00.pth")
-    (meta_dir / "params.json").write_text(json.dumps({"dim": cfg.dim, "n_heads": cfg.n_heads, "n_layers": 4, "norm_eps": 1e-5, "multiple_of": 16, "vocab_size": -1}))
-    shutil.copy(tokenizer_file, meta_dir / "tokenizer.model")
-    hf_dir.mkdir()
+    meta["tok_embeddings.weight"] = meta["tok_embeddings.weight"][:n_pieces].clone()
+    meta["output.weight"] = meta["output.weight"][:n_pieces].clone()
+    return meta
+
+
+def _to_hf(meta: dict, n_heads: int) -> dict:
+    """A Meta-layout LLaMA state dict under Hugging Face's names and q/k layout."""
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -168,15 +165,61 @@ def test_meta_and_hugging_face_llama_load_to_the_same_logits(tokenizer, tokenize
             _, i, *rest = k.split(".")
             name = ".".join(rest[:-1])
             if name in ("attention.wq", "attention.wk"):
-                v = _hf_permute(v, cfg.n_heads)
+                v = _hf_permute(v, n_heads)
             hf[f"model.layers.{i}.{names[name]}.weight"] = v.contiguous()
+    return hf
+
+
+def _write_hf_dir(hf_dir, shards: list[dict], cfg, n_layers: int, tokenizer_file, index: bool = False) -> None:
+    hf_dir.mkdir()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, hf_dir / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    if index:
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (hf_dir / "config.json").write_text(json.dumps({"hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+                                                    "num_hidden_layers": n_layers, "rms_norm_eps": 1e-5, "intermediate_size": cfg.hidden_dim}))
+    shutil.copy(tokenizer_file, hf_dir / "tokenizer.model")
+
+
+def test_llama_conversion_reads_only_the_kept_blocks(tokenizer, tokenizer_file, tmp_path):
+    """With an index json, a shard holding only dropped blocks is never opened: converting
+    without it gives the same bytes; keeping its blocks names the missing file."""
+    llama = tiny_model(tokenizer, n_layers=4, seed=3).language_decoder
+    n = tokenizer.n_pieces
+    meta = _meta_llama(llama, n)
+    hf = _to_hf(meta, llama.cfg.n_heads)
+    late = {k: v for k, v in hf.items() if k.startswith(("model.layers.2.", "model.layers.3."))}
+    early = {k: v for k, v in hf.items() if k not in late}
+    _write_hf_dir(tmp_path / "hf", [early, late], llama.cfg, 4, tokenizer_file, index=True)
+    write_clip_archive(tiny_model(tokenizer, seed=1), tmp_path / "clip.pt")
+    full = convert_llama(tmp_path / "hf", tmp_path / "clip.pt", tmp_path / "full", decoder_layers=2, encoder_heads=4)
+    (tmp_path / "hf" / "model-00002-of-00002.safetensors").unlink()
+    partial = convert_llama(tmp_path / "hf", tmp_path / "clip.pt", tmp_path / "partial", decoder_layers=2, encoder_heads=4)
+    assert (full / "model.safetensors").read_bytes() == (partial / "model.safetensors").read_bytes()
+    with pytest.raises(NxtrecError, match="model-00002-of-00002.safetensors: file not found"):
+        convert_llama(tmp_path / "hf", tmp_path / "clip.pt", tmp_path / "three", decoder_layers=3, encoder_heads=4)
+    with pytest.raises(NxtrecError, match="--decoder-layers must be between 1 and 4, got 5"):
+        convert_llama(tmp_path / "hf", tmp_path / "clip.pt", tmp_path / "five", decoder_layers=5, encoder_heads=4)
+
+
+def test_meta_and_hugging_face_llama_load_to_the_same_logits(tokenizer, tokenizer_file, tmp_path):
+    # A 4-block "LLaMA" in Meta's layout with the plain SentencePiece vocabulary.
+    llama = tiny_model(tokenizer, n_layers=4, seed=7).language_decoder
+    n = tokenizer.n_pieces
+    meta = _meta_llama(llama, n)
+    cfg = llama.cfg
+    meta_dir, hf_dir = tmp_path / "meta", tmp_path / "hf"
+    meta_dir.mkdir()
+    torch.save(meta, meta_dir / "consolidated.00.pth")
+    (meta_dir / "params.json").write_text(json.dumps({"dim": cfg.dim, "n_heads": cfg.n_heads, "n_layers": 4, "norm_eps": 1e-5, "multiple_of": 16, "vocab_size": -1}))
+    shutil.copy(tokenizer_file, meta_dir / "tokenizer.model")
+    hf = _to_hf(meta, cfg.n_heads)
     half = len(hf) // 2  # two shards, as HF writes them
     items = sorted(hf.items())
-    save_file(dict(items[:half]), hf_dir / "model-00001-of-00002.safetensors")
-    save_file(dict(items[half:]), hf_dir / "model-00002-of-00002.safetensors")
-    (hf_dir / "config.json").write_text(json.dumps({"hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
-                                                    "num_hidden_layers": 4, "rms_norm_eps": 1e-5, "intermediate_size": cfg.hidden_dim}))
-    shutil.copy(tokenizer_file, hf_dir / "tokenizer.model")
+    _write_hf_dir(hf_dir, [dict(items[:half]), dict(items[half:])], cfg, 4, tokenizer_file)
     clip_source = tiny_model(tokenizer, seed=1)
     write_clip_archive(clip_source, tmp_path / "clip.pt")
 

@@ -88,3 +88,76 @@ def test_list_images_expands_folders(tmp_path):
     for name in ["b.jpg", "a.PNG", "sub/c.webp", "notes.txt"]:
         (tmp_path / name).write_bytes(b"x")
     assert list_images([tmp_path, "other.jpg"]) == [str(tmp_path / "a.PNG"), str(tmp_path / "b.jpg"), str(tmp_path / "sub/c.webp"), "other.jpg"]
+
+
+def test_sixteen_bit_modes_match_the_float_formula_without_float_copies():
+    arr = np.arange(0, 65536, 7, dtype=np.uint16)[: 96 * 96].reshape(96, 96)
+    out = np.asarray(load_image(Image.fromarray(arr)))[..., 0]
+    expected = np.clip(arr.astype(np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+    ints = Image.fromarray(arr.astype(np.int32) - 100)  # mode I, with negatives clipped to 0
+    expected_i = np.clip((arr.astype(np.float64) - 100) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(ints))[..., 0], expected_i)
+
+
+def test_pixel_budget_is_read_from_the_header_and_configurable(tmp_path, monkeypatch):
+    path = tmp_path / "wide.png"
+    Image.new("1", (3000, 2000)).save(path)  # 6 Mpx
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match=r"3000x2000 = 6.0 Mpx; the limit is 5 Mpx"):
+        load_image(path, max_pixels=5_000_000)
+    monkeypatch.setenv("NXTREC_MAX_IMAGE_PIXELS", "5_000_000")
+    with pytest.raises(ImageError, match="too large"):
+        load_image(path)
+    assert load_image(path, max_pixels=6_000_000).size == (3000, 2000)
+    monkeypatch.setenv("NXTREC_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ImageError, match="NXTREC_MAX_IMAGE_PIXELS"):
+        load_image(path)
+    assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global limit is never touched
+
+
+def _rotated_jpeg(path):
+    """A 40x20 image whose EXIF says 'rotate 90 degrees clockwise to display' (orientation 6)."""
+    img = Image.new("RGB", (40, 20), (200, 30, 30))
+    img.paste((20, 20, 220), (0, 0, 10, 20))  # blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_unless_switched_off(tmp_path, monkeypatch):
+    path = tmp_path / "phone.jpg"
+    _rotated_jpeg(path)
+    upright = load_image(path)
+    assert upright.size == (20, 40)
+    assert np.asarray(upright)[2, 10, 2] > 150  # the blue band is now on top
+    assert load_image(path, exif_orientation=False).size == (40, 20)
+    monkeypatch.setenv("NXTREC_EXIF_ORIENTATION", "0")
+    assert load_image(path).size == (40, 20)
+
+
+def test_special_files_and_arguments_get_one_line_reasons(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.jpg"
+    os.symlink(loop, loop)
+    broken = tmp_path / "broken.jpg"
+    os.symlink(tmp_path / "gone.jpg", broken)
+    cases = [(fifo, "is a FIFO"), (loop, "symbolic link loop"), (broken, "broken symbolic link"),
+             ("/dev/null", "is a character device"), ("https://example.com/cat.jpg", "URLs are not fetched"),
+             (b"", "empty")]
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.png"
+        locked.write_bytes(_png_bytes(Image.new("RGB", (4, 4))))
+        locked.chmod(0)
+        cases.append((locked, "permission denied"))
+    for source, reason in cases:
+        with pytest.raises(ImageError) as e:
+            load_image(source)
+        assert reason in str(e.value) and "\n" not in str(e.value)
+    # Inside a folder, the odd entries are listed (to be reported), not dropped silently.
+    listed = list_images([tmp_path])
+    assert {str(fifo), str(loop), str(broken)} <= set(listed)
+    assert list_images(["https://example.com/cat.jpg"]) == ["https://example.com/cat.jpg"]

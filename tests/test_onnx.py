@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from blocked_imports import TORCH_FREE_BLOCK, run_nxtrec
 from conftest import tiny_model
 from PIL import Image
 
@@ -233,6 +234,21 @@ def test_released_layout_labels_equal_pytorch(released_dir, model_dir, images, k
     _same_labels(ours, Recognizer.from_pretrained(model_dir).predict(images[:3], top_k=k))
 
 
+def test_constrained_labels_equal_pytorch(onnx_dir, released_dir, model_dir, images):
+    """`vocab` (a tag list with prefixes, multi-token entries and synonyms) and `compat`:
+    both ONNX layouts give PyTorch's labels and probabilities."""
+    tags = ["cat | kitten", "cat food", "car", "cart", "red apple | apple", "dog", "tree", "snake", "ring"]
+    names = {t.split("|")[0].strip() for t in tags}
+    torch_rec = Recognizer.from_pretrained(model_dir)
+    for k in (3, 9):
+        want = torch_rec.predict(images, top_k=k, vocab=tags)
+        assert all(labels and {x.label for x in labels} <= names for labels in want)
+        _same_labels(OnnxRecognizer(onnx_dir).predict(images, top_k=k, batch_size=2, vocab=tags), want)
+        _same_labels(OnnxRecognizer(released_dir).predict(images[:2], top_k=k, vocab=tags), want[:2])
+    compat = dict(compat="reference", ranking="ppl")
+    _same_labels(OnnxRecognizer(onnx_dir).predict(images, top_k=5, **compat), torch_rec.predict(images, top_k=5, **compat))
+
+
 def test_released_layout_needs_a_tokenizer_and_uses_defaults_without_config(released_dir, tmp_path, images):
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -289,6 +305,22 @@ print('ok')
     assert proc.stdout.strip().endswith("ok")
 
 
+def test_torch_free_install_runs_predict_and_tag_onnx(onnx_dir, images, tmp_path, capsys):
+    """`nxtrec predict --onnx` and `nxtrec tag --onnx` as processes with only the [runtime]
+    packages importable (torch, safetensors, tqdm and the other extras blocked)."""
+    args = ["predict", *images[:2], "--onnx", str(onnx_dir), "--top-k", "4", "--json"]
+    proc = run_nxtrec(args, TORCH_FREE_BLOCK, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(args) == 0  # the same command with everything installed
+    assert proc.stdout == capsys.readouterr().out and len(proc.stdout.splitlines()) == 2
+    out = tmp_path / "tagged"
+    proc = run_nxtrec(["tag", *images[:2], "--onnx", str(onnx_dir), "--top-k", "4", "--out", str(out), "--workers", "1"],
+                      TORCH_FREE_BLOCK, tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    assert len(records) == 2 and all(r["labels"] for r in records)
+
+
 def test_predict_paths_reports_bad_images_in_order(onnx_dir, images, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"")
@@ -326,6 +358,11 @@ def test_runtime_errors_are_one_line(tmp_path, onnx_dir, tokenizer_file):
     broken = tmp_path / "broken"
     shutil.copytree(onnx_dir, broken)
     (broken / FILES["step"]).write_bytes(b"garbage")
+    with pytest.raises(OnnxRuntimeError, match="decoder_step.onnx: 7 bytes, nxtrec-onnx.json says"):
+        OnnxRecognizer(broken)  # the manifest's sizes catch it first
+    manifest = json.loads((broken / MANIFEST).read_text())
+    del manifest["sizes"]
+    (broken / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(OnnxRuntimeError, match="cannot load ONNX model"):
         OnnxRecognizer(broken)
 

@@ -41,3 +41,18 @@ def test_generate_packs_train_and_validation_shards(tmp_path):
     again = generate(tmp_path / "t", n=3, seed=1, n_val=4, size=96, shard_size=5, progress=False)
     a = (tmp_path / "s" / "val" / "000000.tar").read_bytes()
     assert again["val"].written == 4 and a == (tmp_path / "t" / "val" / "000000.tar").read_bytes()
+
+
+def test_generate_keeps_each_object_box_in_the_metadata(tmp_path):
+    generate(tmp_path / "s", n=0, seed=2, n_val=6, size=96, progress=False)
+    with tarfile.open(tmp_path / "s" / "val" / "000000.tar") as tf:
+        metas = [json.load(tf.extractfile(m)) for m in tf.getmembers() if m.name.endswith(".json")]
+    rng = random.Random("val-2")  # the held-out stream: the same scenes, drawn again
+    for meta in metas:
+        _, _, objects = render_scene(rng, 96)
+        assert [b["object"] for b in meta["boxes"]] == [o.name for o in objects]
+        assert {b["object"] for b in meta["boxes"]} == set(meta["objects"])
+        for b, o in zip(meta["boxes"], objects):
+            x0, y0, x1, y1 = b["box"]
+            assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
+            assert (x0, y0, x1, y1) == (max(0, o.box[0]), max(0, o.box[1]), min(96, o.box[2]), min(96, o.box[3]))

@@ -7,7 +7,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
+from nxtrec.cli.help import DefaultsHelpFormatter, RawDescriptionDefaultsHelpFormatter
+from nxtrec.cli.options import existing_dir, existing_file, int_between, positive_int
 from nxtrec.errors import NxtrecError
 
 BACKENDS = ("spacy", "nltk")  # nxtrec.labels.BACKENDS, repeated to keep spaCy out of start-up
@@ -29,26 +32,26 @@ def _register_pack(sub) -> None:
     p = sub.add_parser("pack", help="pack an image-caption dataset into WebDataset shards with labels")
     kinds = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     coco = kinds.add_parser("coco", help="COCO images + captions_*.json (all captions of an image joined)")
-    coco.add_argument("--images", required=True, help="folder of the images, e.g. coco/val2017")
-    coco.add_argument("--captions", required=True, help="captions_*.json")
+    coco.add_argument("--images", required=True, type=existing_dir, help="folder of the images, e.g. coco/val2017")
+    coco.add_argument("--captions", required=True, type=existing_file, help="captions_*.json")
     oi = kinds.add_parser("openimages", help="OpenImages images + Localized Narratives JSONL")
-    oi.add_argument("--images", required=True, help="folder of IMAGE_ID.jpg")
-    oi.add_argument("--narratives", required=True, help="*_localized_narratives.jsonl")
+    oi.add_argument("--images", required=True, type=existing_dir, help="folder of IMAGE_ID.jpg")
+    oi.add_argument("--narratives", required=True, type=existing_file, help="*_localized_narratives.jsonl")
     jl = kinds.add_parser("jsonl", help='lines {"image": PATH, "caption": TEXT} (optional "key")')
-    jl.add_argument("file", help="the JSONL file")
+    jl.add_argument("file", type=existing_file, help="the JSONL file")
     jl.add_argument("--images", help="folder relative image paths start from (default: the file's folder)")
     folder = kinds.add_parser("folder", help="images with a same-name .txt caption beside each")
-    folder.add_argument("folder", help="folder searched recursively")
+    folder.add_argument("folder", type=existing_dir, help="folder searched recursively")
     for k in (coco, oi, jl, folder):
         k.add_argument("--out", required=True, help="output folder of NNNNNN.tar shards and manifest.json")
         k.add_argument("--split", help="split name stored in every sample (default: from the file name, if any)")
-        k.add_argument("--shard-size", type=int, default=1000, help="records per shard (default 1000)")
+        k.add_argument("--shard-size", type=positive_int, default=1000, help="records per shard (default 1000)")
         k.add_argument(
             "--resize-shorter", type=int, metavar="N",
             help="re-encode images whose shorter side exceeds N to N (JPEG); default: copy as they are",
         )  # fmt: skip
-        k.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
-        k.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"processes (default {DEFAULT_WORKERS})")
+        k.add_argument("--quality", type=int_between(1, 100), default=95, help="JPEG quality when re-encoding (default 95)")
+        k.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help=f"processes (default {DEFAULT_WORKERS})")
         k.add_argument("--backend", choices=BACKENDS, default="spacy", help="label backend (default spacy)")
         k.add_argument("--compat", action="store_true", help=COMPAT_HELP)
         k.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,7 +110,7 @@ def _register_labels(sub) -> None:
         "labels",
         help="the noun labels of a caption, or `labels add DIR` for existing shards",
         description=LABELS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionDefaultsHelpFormatter,
         usage="nxtrec labels [options] TEXT... | nxtrec labels add DIR [options]",
     )
     _label_options(p)
@@ -126,14 +129,16 @@ def run_labels(args) -> int:
     # Options may come before the caption (parsed by the `labels` parser) or after it (in
     # `rest`); both are honoured.
     if args.rest and args.rest[0] == "add":
-        p = argparse.ArgumentParser(prog="nxtrec labels add", description="add labels to existing shards")
-        p.add_argument("dir", help="folder of .tar shards")
+        p = argparse.ArgumentParser(prog="nxtrec labels add", description="add labels to existing shards",
+                                    formatter_class=DefaultsHelpFormatter)
+        p.add_argument("dir", type=existing_dir, help="folder of .tar shards")
         p.add_argument("--out", help="write the labelled shards here instead of replacing the originals")
-        p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"processes (default {DEFAULT_WORKERS})")
+        p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help=f"processes (default {DEFAULT_WORKERS})")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         _label_options(p, args)
         return _labels_add(p.parse_args(args.rest[1:]))
-    p = argparse.ArgumentParser(prog="nxtrec labels", usage="nxtrec labels [options] TEXT...")
+    p = argparse.ArgumentParser(prog="nxtrec labels", usage="nxtrec labels [options] TEXT...",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("text", nargs="+", help='caption words, or "-" for one caption per line on standard input')
     p.add_argument("--json", action="store_true", default=args.json, help=JSON_HELP)
     _label_options(p, args)
@@ -167,7 +172,7 @@ def _labels_add(opts) -> int:
         print("interrupted: finished shards are kept; run the same command again to finish", file=sys.stderr)
         return 130
     print(summary.format().replace("wrote", "labelled", 1))
-    return 0
+    return 1 if summary.damaged else 0
 
 
 # ---------------------------------------------------------------------------- data
@@ -178,7 +183,7 @@ def _register_data(sub) -> None:
     kinds = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     stats = kinds.add_parser("stats", help="samples, shards, label counts and the most frequent labels")
     stats.add_argument("name", help="a dataset of the registry, or a shard folder / pattern")
-    stats.add_argument("--top", type=int, default=20, help="how many frequent labels to show (default 20)")
+    stats.add_argument("--top", type=positive_int, default=20, help="how many frequent labels to show (default 20)")
     stats.add_argument("--png", help="save a bar chart of the most frequent labels here")
     lst = kinds.add_parser("list", help="the datasets of the registry with their lengths")
     for k in (stats, lst):
@@ -191,11 +196,13 @@ def run_stats(args) -> int:
     from nxtrec.data.registry import dataset_shards
     from nxtrec.data.stats import label_stats, plot_label_counts
 
-    (spec, shards), = dataset_shards(args.name, args.registry)  # fmt: skip
+    with warnings.catch_warnings():  # damaged shards are reported below, once, with the others
+        warnings.simplefilter("ignore")
+        (spec, shards), = dataset_shards(args.name, args.registry)  # fmt: skip
     stats = label_stats(shards)
     labelled = stats.samples - stats.unlabelled
     print(f"dataset   {spec.name}" + (f" (split {spec.split})" if spec.split else ""))
-    print(f"shards    {len(shards)}")
+    print(f"shards    {len(shards)}" + (f" ({len(stats.damaged)} damaged)" if stats.damaged else ""))
     print(f"samples   {stats.samples}")
     print(f"labelled  {labelled} ({stats.empty} with no labels, {stats.unlabelled} without a labels field)")
     print(f"labels    {sum(stats.counts.values())} in all, {len(stats.counts)} distinct, "
@@ -210,7 +217,16 @@ def run_stats(args) -> int:
             raise NxtrecError(f"{spec.name}: no labels to plot")
         plot_label_counts(stats.counts, args.top, args.png, f"{spec.name}: top {args.top} labels")
         print(f"saved {args.png}")
-    return 0
+    return report_damaged_shards(stats.damaged)
+
+
+def report_damaged_shards(damaged: dict[str, str]) -> int:
+    """Name each damaged shard on stderr, then a count; the exit code (1 when any)."""
+    for path, reason in damaged.items():
+        print(f"nxtrec: damaged shard {path}: {reason}", file=sys.stderr)
+    if damaged:
+        print(f"nxtrec: {len(damaged)} damaged shards (their readable samples are counted above)", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def run_list(args) -> int:

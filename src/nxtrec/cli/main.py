@@ -8,7 +8,10 @@ import argparse
 import importlib
 import sys
 
+from nxtrec.cli.failures import handle_unexpected, one_line_warnings
+from nxtrec.cli.options import ArgumentParser
 from nxtrec.errors import NxtrecError
+from nxtrec.extras import missing_dependency
 
 COMMAND_MODULES = [
     "predict",
@@ -19,11 +22,16 @@ COMMAND_MODULES = [
     "train",
     "onnx",
     "synth",
+    "tag",
+    "attention",
+    "serve",
+    "download",
+    "verify",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nxtrec", description="Open-vocabulary object recognition as next-token prediction."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,16 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    with one_line_warnings():
+        return _run_command(argv)
+
+
+def _run_command(argv) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return int(e.code or 0)
     try:
         return int(args.func(args) or 0)
-    except NxtrecError as e:
-        print(f"nxtrec {args.command}: error: {e}", file=sys.stderr)
+    except (NxtrecError, ModuleNotFoundError) as e:
+        # a missing optional dependency says which `pip install 'nxtrec[EXTRA]'` to run
+        error = e if isinstance(e, NxtrecError) else missing_dependency(e, args.command)
+        if error is None:
+            return handle_unexpected(args.command, e)
+        print(f"nxtrec {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- a bug, or the machine (disk full, ...): see cli/failures.py
+        return handle_unexpected(args.command, e)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from nxtrec.cli.options import existing_file, positive_float
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -19,9 +21,9 @@ def register(sub) -> None:
     p.add_argument("--layout", default="nxtrec", choices=["nxtrec", "released"],
                    help="nxtrec: KV-cache decoder (default); released: the reference's encoder.onnx, Wte.npz, "
                    "decoder_p1-p3.onnx (no cache), e.g. for tools written for those files")
-    p.add_argument("--image", help="sample image for the validation (default: seeded noise)")
+    p.add_argument("--image", type=existing_file, help="sample image for the validation (default: seeded noise)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
-    p.add_argument("--tolerance", type=float,
+    p.add_argument("--tolerance", type=positive_float,
                    help="fail when the max difference exceeds this (default: 1e-2 for float32; float16 and int8 "
                    "differences are reported, not enforced)")
     p.set_defaults(func=run_export)
@@ -39,9 +41,11 @@ def run_export(args) -> int:
     from pathlib import Path
 
     from nxtrec.errors import NxtrecError
+    from nxtrec.extras import require
     from nxtrec.onnx.export import export_onnx
     from nxtrec.onnx.released import export_released_layout_dir
 
+    require("onnx", "onnxscript", "onnxruntime", command="export-onnx")  # torch.onnx would wrap the error
     if args.layout == "released":
         if args.quantize or args.dtype != "float32":
             raise NxtrecError("--layout released is float32 only (as the released files)")

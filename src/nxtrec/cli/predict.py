@@ -3,32 +3,56 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-DEMO_NOTICE = (
-    "note: using the bundled default model ({description}); "
-    "pass --model DIR for real weights (see README: converting the released weights)"
+from nxtrec.cli.options import (
+    device,
+    existing_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
 )
+from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
+from nxtrec.model.image import EXIF_ENV, MAX_IMAGE_PIXELS, MAX_PIXELS_ENV
+
+# stderr, once, when no --model is given (not with --quiet or --json)
+DEMO_NOTICE = "note: bundled demo model (emoji scenes only); use --model DIR for real photos"
 
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="recognize the objects in images")
     p.add_argument("images", nargs="+", help="image files or folders (all images inside)")
     p.add_argument("--model", help="model directory (default: the bundled default model)")
-    p.add_argument("--onnx", metavar="DIR", help="run an exported ONNX directory with ONNX Runtime instead of PyTorch")
-    p.add_argument("--top-k", type=int, default=20, help="number of labels (one-shot branches)")
-    p.add_argument("--extra-k", type=int, default=0, help="extra one-shot branches sampled beyond --top-k")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--sampler", default="one-shot", choices=["one-shot", "greedy", "beam"])
-    p.add_argument("--ranking", default="prob", choices=["prob", "ppl", "sim", "none"])
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k-tokens", type=int, default=1, help="greedy sampler: sample among this many tokens (1 = argmax)")
-    p.add_argument("--top-p", type=float, default=None, help="greedy sampler: nucleus sampling threshold")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--onnx", metavar="DIR", type=existing_dir, help="run an exported ONNX directory with ONNX Runtime instead of PyTorch")
+    p.add_argument("--top-k", type=positive_int, default=20, help="number of labels (one-shot branches)")
+    p.add_argument("--extra-k", type=non_negative_int, default=0, help="extra one-shot branches sampled beyond --top-k")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="int8: dynamic int8 quantisation of the Linear layers (CPU only)")
+    p.add_argument("--sampler", default="one-shot", choices=["one-shot", "greedy", "beam"],
+                   help="one-shot: k branches from the top-k first tokens (the paper's); greedy; beam search")
+    p.add_argument("--ranking", default="prob", choices=["prob", "ppl", "sim", "none"],
+                   help="order of the labels: probability, perplexity, image similarity, generation order")
+    p.add_argument("--beam-size", type=positive_int, default=3, help="beam sampler: beams kept per step")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="greedy sampler: softmax temperature")
+    p.add_argument("--top-k-tokens", type=positive_int, default=1, help="greedy sampler: sample among this many tokens (1 = argmax)")
+    p.add_argument("--top-p", type=probability, default=None, help="greedy sampler: nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="greedy sampler: divide the logits of tokens already written by this (1 = off)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("-q", "--quiet", action="store_true", help="no note on stderr about the bundled demo model")
+    p.add_argument("--maps", metavar="OUT_DIR", help="also write where each label was grounded: OUT_DIR/IMAGE/"
+                   "NN_LABEL.png overlays and maps.json grids (one-shot sampler, PyTorch path)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --onnx: check every file's SHA-256 against the export manifest first")
+    p.add_argument("--no-exif-orientation", action="store_true",
+                   help="ignore EXIF orientation tags, as the reference did (same as NXTREC_EXIF_ORIENTATION=0)")
+    p.add_argument("--max-pixels", type=positive_int,
+                   help=f"refuse images with more pixels (default {MAX_IMAGE_PIXELS}; NXTREC_MAX_IMAGE_PIXELS)")
+    add_vocab_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +69,11 @@ def print_result(path: str, labels: list[dict], as_json: bool) -> None:
 def run(args) -> int:
     from nxtrec.model.image import list_images
 
+    # Through the environment, the image switches reach every reader (the ONNX path too).
+    if args.no_exif_orientation:
+        os.environ[EXIF_ENV] = "0"
+    if args.max_pixels:
+        os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
     paths = list_images(args.images)
     if not paths:
         print("nxtrec predict: no images found", file=sys.stderr)
@@ -57,8 +86,11 @@ def run(args) -> int:
             raise NxtrecError("--onnx runs one-shot sampling only; drop --sampler")
         if args.model:
             raise NxtrecError("give either --model or --onnx, not both")
+        if args.maps:
+            raise NxtrecError("--maps needs the PyTorch path (attention probabilities); drop --onnx")
+        _check_onnx_dir(args)
         results = predict_paths(args.onnx, paths, top_k=args.top_k, batch_size=args.batch_size,
-                                extra_k=args.extra_k, ranking=args.ranking)
+                                extra_k=args.extra_k, ranking=args.ranking, **vocab_kwargs(args))
     else:
         results = _predict_torch(args, paths)
     failed = 0
@@ -73,17 +105,63 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def _check_onnx_dir(args) -> None:
+    """Hashes of every file with --verify (sizes are checked whenever the folder opens), and
+    --top-k against the vocabulary recorded in the manifest."""
+    from nxtrec.errors import NxtrecError
+    from nxtrec.onnx.integrity import check_hashes, read_manifest
+    from nxtrec.onnx.runtime import detect_layout
+
+    if detect_layout(args.onnx) != "nxtrec":
+        if args.verify:
+            raise NxtrecError(f"{args.onnx}: --verify needs an `nxtrec export-onnx` folder (the released files record no hashes)")
+        return
+    manifest = read_manifest(args.onnx)
+    if args.verify:
+        check_hashes(args.onnx, manifest)
+    vocab_size = manifest.get("config", {}).get("decoder", {}).get("vocab_size")
+    if isinstance(vocab_size, int):
+        check_top_k(args, vocab_size)
+
+
+def check_top_k(args, vocab_size: int) -> None:
+    """--top-k (+ --extra-k) must fit in the vocabulary, known once the model is loaded."""
+    from nxtrec.errors import NxtrecError
+
+    if args.top_k + args.extra_k > vocab_size:
+        raise NxtrecError(f"--top-k {args.top_k} + --extra-k {args.extra_k} is more than the model's "
+                          f"{vocab_size} tokens; use --top-k {vocab_size} or less")
+
+
+def map_folder(out_dir: str, path: str, used: set[str]) -> str:
+    """OUT_DIR/<image file stem>, with -2, -3, ... when two images share a stem."""
+    from pathlib import Path
+
+    stem, name, n = Path(path).stem, Path(path).stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return str(Path(out_dir) / name)
+
+
 def _predict_torch(args, paths):
     """Yield (path, labels as dicts, error message or None), batch by batch."""
+    from nxtrec.errors import NxtrecError
+    from nxtrec.inference.heatmaps import save_label_maps
     from nxtrec.inference.recognizer import Recognizer
     from nxtrec.model.image import ImageError, load_image
 
+    if args.maps and args.sampler != "one-shot":
+        raise NxtrecError(f"--maps comes from one-shot sampling; drop --sampler {args.sampler}")
+    folders: set[str] = set()
     rec = Recognizer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    if args.model is None:
-        print(DEMO_NOTICE.format(description=rec.config.description or "demo"), file=sys.stderr)
-    kwargs = {"sampler": args.sampler, "ranking": args.ranking}
+    check_top_k(args, rec.config.decoder.vocab_size)
+    if args.model is None and not (args.quiet or args.json):
+        print(DEMO_NOTICE, file=sys.stderr)
+    kwargs = {"sampler": args.sampler, "ranking": args.ranking, **vocab_kwargs(args)}
     if args.sampler == "one-shot":
-        kwargs["extra_k"] = args.extra_k
+        kwargs.update(extra_k=args.extra_k, maps=bool(args.maps))
     elif args.sampler == "beam":
         kwargs["beam_size"] = args.beam_size
     else:
@@ -99,5 +177,7 @@ def _predict_torch(args, paths):
             except ImageError as e:
                 yield path, None, str(e)
         if images:
-            for path, labels in zip(good, rec.predict(images, top_k=args.top_k, batch_size=len(images), **kwargs)):
-                yield path, [lab.to_dict() for lab in labels], None
+            for path, image, labels in zip(good, images, rec.predict(images, top_k=args.top_k, batch_size=len(images), **kwargs)):
+                if args.maps:
+                    save_label_maps(map_folder(args.maps, path, folders), path, image, labels)
+                yield path, [{k: v for k, v in lab.to_dict().items() if k != "map"} for lab in labels], None

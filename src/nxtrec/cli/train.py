@@ -8,14 +8,16 @@ import sys
 
 
 def register(sub) -> None:
+    from nxtrec.training.config import recipe_names  # torch-free
+
+    recipes = ", ".join(recipe_names())
     p = sub.add_parser(
         "train",
         help="train a model (one process, or every process of torchrun / srun)",
-        description="Train as configured by CONFIG: a TOML file, or a shipped recipe name "
-        "(base, g3m, g70m, tiny-cpu). Continues from the run directory's newest checkpoint "
-        "when there is one.",
+        description=f"Train as configured by CONFIG: a TOML file, or a shipped recipe name ({recipes}). "
+        "Continues from the run directory's newest checkpoint when there is one.",
     )
-    p.add_argument("config", help="config file or shipped recipe name")
+    p.add_argument("config", help=f"config file or shipped recipe name: {recipes}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key; VALUE is a TOML literal (2e-5, true, \"text\", [1, 2]); repeatable")
     p.add_argument("--run-dir", help="shorthand for --set run.dir=DIR")
@@ -48,7 +50,11 @@ def run_train(args) -> int:
 
     summary = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {summary['step']} steps in {summary['run_dir']}; last loss {summary['loss']}")
+        if summary["loss"] is None and summary["step"] >= summary["total_steps"]:
+            print(f"{summary['run_dir']} is already complete ({summary['step']} of {summary['total_steps']} steps); "
+                  "nothing to train (raise train.max_steps / train.epochs to continue it)")
+        else:
+            print(f"trained {summary['step']} steps in {summary['run_dir']}; last loss {summary['loss']}")
         if summary["final"]:
             print(f"model: {summary['final']}  (nxtrec predict IMAGE --model {summary['final']})")
     return 0

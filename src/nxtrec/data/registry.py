@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,23 +162,23 @@ class Shard:
     path: str
     samples: int
     labelled: int  # samples whose json has a "labels" field
+    damage: str = ""  # what is wrong with the file ("" when it reads to its end)
 
 
-def count_shard(path: Union[str, Path]) -> tuple[int, int]:
-    """(samples, samples whose json has "labels"), from the tar headers and json members."""
+def count_shard(path: Union[str, Path]) -> tuple[int, int, str]:
+    """(samples, samples whose json has "labels", what is damaged or ""), from the tar headers
+    and json members. A damaged shard's complete samples are counted (the loader reads them)."""
     samples = labelled = 0
-    try:
-        for _, members, tf in tar_samples(Path(path)):
-            samples += 1
-            meta = next((m for m in members if member_ext(m) == "json"), None)
-            if meta is not None:
-                try:
-                    labelled += "labels" in json.loads(read_member(tf, meta))
-                except (ValueError, TypeError):
-                    pass
-    except tarfile.TarError as e:
-        warnings.warn(f"{path}: unreadable tar ({e}); counted {samples} samples", stacklevel=2)
-    return samples, labelled
+    damage: list[str] = []
+    for _, members, tf in tar_samples(Path(path), damage):
+        samples += 1
+        meta = next((m for m in members if member_ext(m) == "json"), None)
+        if meta is not None:
+            try:
+                labelled += "labels" in json.loads(read_member(tf, meta))
+            except (ValueError, TypeError):
+                pass
+    return samples, labelled, "; ".join(damage)
 
 
 def shard_lengths(paths: Sequence[str]) -> list[Shard]:
@@ -204,12 +203,16 @@ def shard_lengths(paths: Sequence[str]) -> list[Shard]:
                 warnings.warn(f"{p}: changed since {folder}/manifest.json was written; counting it", stacklevel=2)
             cached = cache.get(name)
             if not cached or cached["bytes"] != stat.st_size or cached["mtime_ns"] != stat.st_mtime_ns:
-                samples, labelled = count_shard(p)
+                samples, labelled, damage = count_shard(p)
                 cache[name] = cached = {
                     "samples": samples, "labelled": labelled, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                    "damage": damage,
                 }  # fmt: skip
                 changed = True
-            known[p] = Shard(p, cached["samples"], cached["labelled"])
+            if cached.get("damage"):  # said every time, not only when first counted
+                warnings.warn(f"{p}: damaged shard ({cached['damage']}); its {cached['samples']} readable samples "
+                              "are used", stacklevel=2)
+            known[p] = Shard(p, cached["samples"], cached["labelled"], cached.get("damage", ""))
         if changed:
             try:
                 write_json_atomic(cache_path, {"shards": cache})

@@ -17,10 +17,12 @@ from nxtrec.data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     _bytes_member,
+    folder_lock,
     list_tars,
     member_ext,
     read_manifest,
     read_member,
+    removed_on_error,
     shard_is_done,
     tar_samples,
     write_json_atomic,
@@ -52,10 +54,13 @@ def label_shard(task: LabelTask, on_record: Callable[[], None] = lambda: None) -
     from nxtrec.data.labels import extract_labels_batch
 
     samples = []  # (key, {ext: bytes of txt/json}, json member or None)
-    for key, members, tf in tar_samples(Path(task.src)):
+    damage: list[str] = []
+    for key, members, tf in tar_samples(Path(task.src), damage):
         texts = {member_ext(m): read_member(tf, m) for m in members if member_ext(m) in ("txt", "json")}
         json_member = next((m for m in members if member_ext(m) == "json"), None)
         samples.append((key, texts, json_member))
+    if damage:  # rewriting it would drop what follows the damage for good: leave it to the user
+        return ShardResult(Path(task.dst).name, 0, 0, Counter(), {}, damage="; ".join(damage))
     metas, skipped, examples = [], Counter(), {}
     for key, texts, _ in samples:
         try:
@@ -76,7 +81,7 @@ def label_shard(task: LabelTask, on_record: Callable[[], None] = lambda: None) -
 
     dst = Path(task.dst)
     tmp = Path(str(dst) + ".tmp")
-    with open(tmp, "wb") as f:
+    with removed_on_error(tmp), open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w") as out:
             for key, members, tf in tar_samples(Path(task.src)):
                 for m in members:
@@ -89,7 +94,7 @@ def label_shard(task: LabelTask, on_record: Callable[[], None] = lambda: None) -
                 on_record()
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, dst)
+        os.replace(tmp, dst)
     return ShardResult(dst.name, len(samples), dst.stat().st_size, skipped, examples)
 
 
@@ -127,8 +132,12 @@ def add_labels(
         if not (entries.get(p.name, {}).get("labels") == setting and shard_is_done(dest, manifest, p.name))
     ]
     summary = PackSummary(dest, len(shards), len(shards) - len(tasks))
-    with tqdm(unit="sample", desc="labels", disable=None if progress else True, dynamic_ncols=True) as bar:
+    with folder_lock(dest, "labels add"), tqdm(unit="sample", desc="labels", disable=None if progress else True,
+                                               dynamic_ncols=True) as bar:  # fmt: skip
         for result in run_tasks(tasks, label_shard, workers, bar):
+            summary.add(result)
+            if result.damage:
+                continue
             entries[result.name] = dict(
                 entries.get(result.name, {}),
                 samples=result.samples,
@@ -136,7 +145,6 @@ def add_labels(
                 labels=setting,
             )
             write_json_atomic(dest / MANIFEST_NAME, manifest)
-            summary.add(result)
     manifest["complete"] = all(entries.get(p.name, {}).get("labels") == setting for p in shards)
     write_json_atomic(dest / MANIFEST_NAME, manifest)
     summary.seconds = time.monotonic() - start

@@ -18,6 +18,7 @@ class LabelStats:
     unlabelled: int = 0  # no "labels" field
     empty: int = 0  # "labels": []
     counts: Counter = field(default_factory=Counter)
+    damaged: dict[str, str] = field(default_factory=dict)  # shard path -> what is wrong (its readable samples count)
 
     @property
     def labels_per_sample(self) -> float:
@@ -29,7 +30,8 @@ def label_stats(shards: Sequence[Shard]) -> LabelStats:
     """Label frequencies from the json members (image data is not read)."""
     stats = LabelStats()
     for shard in shards:
-        for _, members, tf in tar_samples(Path(shard.path)):
+        damage: list[str] = []
+        for _, members, tf in tar_samples(Path(shard.path), damage):
             stats.samples += 1
             member = next((m for m in members if member_ext(m) == "json"), None)
             try:
@@ -41,6 +43,8 @@ def label_stats(shards: Sequence[Shard]) -> LabelStats:
             elif not labels:
                 stats.empty += 1
             stats.counts.update(list(dict.fromkeys(labels or [])))  # once per sample, in order
+        if damage:
+            stats.damaged[shard.path] = "; ".join(damage)
     return stats
 
 

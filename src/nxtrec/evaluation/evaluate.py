@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
-from nxtrec.evaluation.embedders import build_embedder
+from nxtrec.evaluation.embedders import MAX_TOKENS, build_embedder
 from nxtrec.evaluation.metric import Summary, format_table, score_records
 
 
-def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: int | None = None, progress: bool = True) -> list[dict]:
-    """One record per image: {"image", "gt", "pred": [{"label", "prob"}...]}."""
+def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: int | None = None, progress: bool = True,
+                    **predict_kwargs) -> list[dict]:
+    """One record per image: {"image", "gt", "pred": [{"label", "prob"}...]}. `predict_kwargs`
+    go to `predict_batch` (vocab, map_to, compat, ...)."""
     from tqdm import tqdm
 
     records = []
@@ -30,7 +32,7 @@ def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: in
                 keep = keep[: max(0, limit - len(records))]
             if not keep:
                 break
-            labels = recognizer.predict_batch(batch.pixels[keep], top_k=k, ranking=ranking)
+            labels = recognizer.predict_batch(batch.pixels[keep], top_k=k, ranking=ranking, **predict_kwargs)
             for i, labs in zip(keep, labels):
                 records.append({"image": batch.keys[i], "gt": batch.labels[i], "pred": [l.to_dict() for l in labs]})
             bar.update(len(keep))
@@ -50,13 +52,28 @@ def gather_records(records: list[dict]) -> list[dict] | None:
     return [r for part in parts for r in part] if parts is not None else None
 
 
+def gather_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Counts summed over all ranks (every rank gets the sum); the counts themselves without torchrun."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(counts)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(counts))
+    total: dict[str, int] = {}
+    for part in parts:
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
 def label_strings(record: dict) -> list[str]:
     return [p["label"] if isinstance(p, dict) else p for p in record["pred"]]
 
 
 def score(records: list[dict], k_values: list[int], embedder_name: str = "minilm", device: str = "cpu",
-          clip_file: str | None = None, clip_vocab: str | None = None) -> dict[int, Summary]:
-    embedder = build_embedder(embedder_name, device, clip_file, clip_vocab)
+          clip_file: str | None = None, clip_vocab: str | None = None, max_tokens: int = MAX_TOKENS) -> dict[int, Summary]:
+    embedder = build_embedder(embedder_name, device, clip_file, clip_vocab, max_tokens)
     plain = [{"image": r["image"], "gt": r["gt"], "pred": label_strings(r)} for r in records]
     return score_records(plain, k_values, embedder)
 
@@ -96,9 +113,13 @@ def write_outputs(records, summaries: dict[int, Summary], out: Path, info: dict)
 
 def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None, registry=None, batch_size=16,
              device="cpu", dtype="float32", limit=None, num_workers=1, progress=True, clip_file=None,
-             clip_vocab=None) -> dict[int, Summary] | None:
+             clip_vocab=None, max_tokens=MAX_TOKENS, predict_kwargs=None,
+             skipped: dict | None = None) -> dict[int, Summary] | None:
     """Predict and score; returns the summaries on rank 0 (None on other ranks). The CLIP
-    embedder needs `clip_file` and `clip_vocab` (see metric.CLIPEmbedder)."""
+    embedder needs `clip_file` and `clip_vocab` (see metric.CLIPEmbedder); `max_tokens` is
+    MiniLM's word-piece limit; `predict_kwargs` go to `Recognizer.predict_batch`. Samples
+    the loader skipped (all ranks) are counted by reason into the `skipped` dict, when given,
+    and into the summary JSON."""
     import torch.distributed as dist
 
     from nxtrec.data.loader import build_loader
@@ -112,13 +133,17 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
     loader = build_loader(data, registry, batch_size=batch_size, image_size=rec.config.encoder.image_size,
                           num_workers=num_workers, balance="exact")
     with torch.inference_mode():
-        records = predict_records(rec, loader, max(k_values), ranking, limit, progress)
+        records = predict_records(rec, loader, max(k_values), ranking, limit, progress, **(predict_kwargs or {}))
+    skipped_here = gather_counts(loader.skipped)
+    if skipped is not None:
+        skipped.update(skipped_here)
     records = gather_records(records)
     if records is None:
         return None
-    summaries = score(records, sorted(k_values), embedder, "cpu", clip_file, clip_vocab)
+    summaries = score(records, sorted(k_values), embedder, "cpu", clip_file, clip_vocab, max_tokens)
     info = {"model": str(model), "data": str(data), "sampler": "one-shot", "ranking": ranking, "embedder": embedder,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "metric_max_tokens": max_tokens, "skipped": skipped_here,
+            **{key: str(getattr(value, "source", value)) for key, value in (predict_kwargs or {}).items()}}
     if out:
         write_outputs(records, summaries, out, info)
     return summaries

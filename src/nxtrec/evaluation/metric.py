@@ -1,8 +1,8 @@
 """The paper's semantic recall / precision / F1 at top-k (DESIGN.md section 11).
 
 Per image: ground-truth labels G and predicted labels Q are embedded with
-all-MiniLM-L6-v2 (token embeddings mean-pooled over the attention mask, at most 128 tokens,
-L2-normalised); S = G Q^T; R = mean over G of the row max, P = mean over Q of the column
+all-MiniLM-L6-v2 (token embeddings mean-pooled over the attention mask, at most 512 word
+pieces as in the reference's evaluation, 128 on request; L2-normalised); S = G Q^T; R = mean over G of the row max, P = mean over Q of the column
 max, F1 = 2RP / (R + P) (0 when undefined). Diversity: mean and (unbiased) std of the
 pairwise similarities among the predictions (upper triangle), 0 for a single prediction.
 Everything is averaged over images.
@@ -11,8 +11,8 @@ Policy for empty lists, as the reference: an image whose caption gave no labels 
 ground truth `[""]` (the reference splits an empty string), and an empty prediction list is
 `[""]` too; both are embedded like any string. Such images are counted in `n_empty_gt`.
 
-Unlike the reference, which encodes every label of every image separately, padded to 128
-tokens, labels are embedded once per distinct string, in batches, and cached; padding is
+Unlike the reference, which encodes every label of every image separately, padded to its
+token limit, labels are embedded once per distinct string, in batches, and cached; padding is
 masked out of the mean, so the embeddings are the same.
 
 The paper's alternative embedder, CLIP ViT-L/14's text tower, is `CLIPEmbedder` (local files

@@ -33,11 +33,16 @@ class Label:
     prob: float
     # The ranking's own score where it differs from `prob` (perplexity, embedding distance).
     score: float | None = None
+    # Where the label was grounded: a map over the image-token grid that sums to 1
+    # (`Recognizer.predict(..., maps=True)`; nxtrec.inference.attention).
+    map: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         d = {"label": self.label, "prob": self.prob}
         if self.score is not None:
             d["score"] = self.score
+        if self.map is not None:
+            d["map"] = np.round(self.map.astype(np.float64), 6).tolist()
         return d
 
 
@@ -45,6 +50,7 @@ class Label:
 class Branch:
     tokens: list[int]
     probs: list[float]
+    map: np.ndarray | None = None  # grounding map over the image-token grid, when recorded
 
 
 def to_branches(seqs: list[list[int]], probs: list[list[float]], k: int, delimiter_id: int) -> list[list[Branch]]:
@@ -56,6 +62,16 @@ def to_branches(seqs: list[list[int]], probs: list[list[float]], k: int, delimit
         end = s.index(delimiter_id) if delimiter_id in s else len(s)
         out[-1].append(Branch(tokens=s[:end], probs=p[: end + 1]))
     return out
+
+
+def _merge_maps(branches: list[Branch]) -> np.ndarray | None:
+    """The maps of the branches merged into one label, weighted by each branch's probability
+    (equal weights if they all underflow to 0); None when the branches carry no maps."""
+    if branches[0].map is None:
+        return None
+    weights = np.array([math.prod(b.probs) for b in branches], dtype=np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(branches), 1.0 / len(branches))
+    return np.tensordot(weights, np.stack([b.map for b in branches]), axes=1).astype(np.float32)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -99,7 +115,7 @@ def rank_labels(
                 cos = np.clip(txt @ img.T, -1, 1)
                 dists.append(float((np.sqrt(2 - 2 * cos) / 2).mean()))
             score = sum(dists) / len(dists)
-        labels.append(Label(name, prob, score))
+        labels.append(Label(name, prob, score, _merge_maps(brs)))
     if ranking == "prob":
         labels.sort(key=lambda l: l.prob, reverse=True)
     elif ranking in ("ppl", "sim"):

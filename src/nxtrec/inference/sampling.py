@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from nxtrec.inference.constrained import TorchTrieWalk
 from nxtrec.inference.ranking import MAX_LABEL_TOKENS, Branch, to_branches
 from nxtrec.model.masks import inference_mask
 from nxtrec.model.network import NxtpModel
@@ -72,13 +73,18 @@ def one_shot(
     max_label_tokens: int = MAX_LABEL_TOKENS,
     steps: int | None = None,
     prefix=None,
+    recorder=None,
+    vocab=None,
 ) -> list[list[Branch]]:
     """k branches per image. `steps` (benchmarks) fixes the number of greedy steps after the
     first top-k step and keeps every branch running, as the reference does. `prefix` is the
-    result of `prefill` when the caller ran it already."""
+    result of `prefill` when the caller ran it already. `recorder` (nxtrec.inference.attention)
+    is told after each step which branches its rows were. `vocab` (a `VocabTrie`) restricts
+    the branches to the forms of a tag list (nxtrec.inference.vocab)."""
     dec = model.language_decoder
     logits, prefix_kvs, prefix_len = prefix or prefill(model, image_tokens, prompt_ids)
-    first_p, tokens = _first_tokens(logits, k)
+    walk = None if vocab is None else TorchTrieWalk(vocab)
+    first_p, tokens = _first_tokens(logits, k) if walk is None else walk.first(logits, k)
     n = tokens.shape[0]
     seqs = [[t] for t in tokens.tolist()]
     probs = [[p] for p in first_p]
@@ -95,7 +101,9 @@ def one_shot(
         if not active:
             break
         logits, own_kvs = dec.step(tokens, prefix_len + step, prefix_kvs, _groups([owner[i] for i in active]), own_kvs)
-        p, nxt = logits.float().softmax(-1).max(-1)
+        if recorder is not None:
+            recorder.end_step(active)
+        p, nxt = logits.float().softmax(-1).max(-1) if walk is None else walk.step(logits, active)
         for branch, t, pt in zip(active, nxt.tolist(), p.tolist()):
             seqs[branch].append(t)
             probs[branch].append(pt)
@@ -226,9 +234,12 @@ def beam_search(
     beam_size: int = 3,
     max_new_tokens: int = 64,
     length_penalty: float | None = None,
+    regather: bool = True,
+    length_offset: int = 0,
 ) -> list[list[Branch]]:
     """Beam search over whole answers (labels joined by delimiters, ended by EOS); the best
-    finished sequence per image (log-prob / length, or the GNMT penalty) is split into labels."""
+    finished sequence per image (log-prob / length, or the GNMT penalty) is split into labels.
+    `regather=False` and `length_offset` reproduce the reference (nxtrec.inference.compat)."""
     dec = model.language_decoder
     logits, prefix_kvs, prefix_len = prefill(model, image_tokens, prompt_ids)
     b = logits.shape[0]
@@ -241,7 +252,7 @@ def beam_search(
     own_kvs = None
 
     def score(lps):
-        n = len(lps)
+        n = len(lps) + length_offset
         return sum(lps) / (n if length_penalty is None else ((5 + n) / 6) ** length_penalty)
 
     for step in range(max_new_tokens):
@@ -273,7 +284,8 @@ def beam_search(
             new_beams.append([(c[2], c[3]) for c in chosen])
             sources += [c[1] for c in chosen]
         beams = new_beams
-        own_kvs = _select_rows(own_kvs, torch.tensor(sources, device=logits.device))
+        if regather:
+            own_kvs = _select_rows(own_kvs, torch.tensor(sources, device=logits.device))
     out = []
     for img in range(b):
         pool = finished[img] or beams[img]

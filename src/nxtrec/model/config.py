@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,14 +97,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
+        """Every value is type- and range-checked; the architecture (`encoder`, `decoder`)
+        must be given (an empty config is an error, not the 1.78B defaults)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
-        enc = _build(EncoderConfig, data.pop("encoder", {}), f"{source}: encoder")
-        dec = _build(DecoderConfig, data.pop("decoder", {}), f"{source}: decoder")
+        sections = {"encoder": data.pop("encoder", {}), "decoder": data.pop("decoder", {})}
+        enc = _build(EncoderConfig, sections["encoder"], f"{source}: encoder")
+        dec = _build(DecoderConfig, sections["decoder"], f"{source}: decoder")
         cfg = _build(cls, data, source, encoder=enc, decoder=dec)
+        for name, given in sections.items():
+            if not given:
+                raise ConfigError(f"{source}: {name!r} is missing or empty; a model config names its architecture")
         cfg.validate(source)
         return cfg
 
     def validate(self, source: str = "config") -> None:
+        for prefix, part in (("encoder.", self.encoder), ("decoder.", self.decoder), ("", self)):
+            _check_values(part, source, prefix)
         d, e = self.decoder, self.encoder
         if d.dim % d.n_heads or (d.head_dim % 2):
             raise ConfigError(f"{source}: decoder.dim {d.dim} must split into an even head size over {d.n_heads} heads")
@@ -113,6 +124,10 @@ class ModelConfig:
             raise ConfigError(f"{source}: encoder.image_size {e.image_size} is not a multiple of patch_size {e.patch_size}")
         if self.image_token not in self.special_tokens:
             raise ConfigError(f"{source}: image_token {self.image_token!r} is not in special_tokens")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ConfigError(f"{source}: special_tokens has duplicates: {self.special_tokens}")
+        if len(self.special_tokens) >= d.vocab_size:
+            raise ConfigError(f"{source}: decoder.vocab_size {d.vocab_size} leaves no room beside {len(self.special_tokens)} special tokens")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -126,7 +141,50 @@ class ModelConfig:
             raise ConfigError(f"{path}: no such file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text, not a config.json") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, expected config.json") from None
         return cls.from_dict(data, source=str(path))
+
+
+# What each value must be: (type, check, what the check requires). Ints are ints (a float
+# or a bool is refused), floats may be written as ints.
+_POSITIVE = (lambda v: v > 0, "> 0")
+_RGB_TRIPLE = (lambda v: len(v) == 3, "3 values (R, G, B)")
+_VALUE_RULES = {
+    **{name: (int, *_POSITIVE) for name in ("width", "layers", "heads", "patch_size", "image_size", "dim",
+                                            "n_layers", "n_heads", "hidden_dim", "vocab_size")},
+    "norm_eps": (float, lambda v: 0 < v < 1, "in (0, 1)"),
+    "rope_theta": (float, *_POSITIVE),
+    "special_tokens": (list, lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v), "non-empty strings"),
+    "image_token": (str, bool, "non-empty"),
+    "prompt": (str, lambda v: True, ""),
+    "delimiter": (str, bool, "non-empty"),
+    "image_mean": (list, lambda v: len(v) == 3 and all(_is_number(x) and 0 <= x <= 1 for x in v), "3 values in [0, 1]"),
+    "image_std": (list, lambda v: len(v) == 3 and all(_is_number(x) and x > 0 for x in v), "3 values > 0"),
+    "description": (str, lambda v: True, ""),
+}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _check_values(part, source: str, prefix: str) -> None:
+    for f in dataclasses.fields(part):
+        if f.name not in _VALUE_RULES:
+            continue
+        kind, ok, requirement = _VALUE_RULES[f.name]
+        value = getattr(part, f.name)
+        good_type = _is_number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
+        if not good_type:
+            raise ConfigError(f"{source}: {prefix}{f.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+        if not ok(value):
+            raise ConfigError(f"{source}: {prefix}{f.name} must be {requirement}, got {value!r}")
 
 
 def _build(cls, data: dict, source: str, **fixed):

@@ -16,6 +16,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,7 +61,9 @@ def load_clip(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: CLIP file not found (OpenAI's ViT-L-14.pt is expected there)")
     try:
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():  # recent torch deprecates torch.jit; OpenAI's file is TorchScript
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=DeprecationWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     except RuntimeError:
         state = load_pickle(path)
         return state.get("state_dict", state)
@@ -136,7 +139,11 @@ def _write(config: ModelConfig, state: dict, tokenizer, out, dtype, source: str)
     config.validate(source)
     model = build_model(config, dtype=DTYPES[dtype], empty=True)
     check_state_dict(model.state_dict(), state, source)
-    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in state.items()}, assign=True)
+    # One tensor at a time, in place, so that each source copy is freed as its converted copy
+    # is made: peak memory stays about the size of the output (`state` is consumed).
+    for k in list(state):
+        state[k] = state[k].to(DTYPES[dtype])
+    model.load_state_dict(state, assign=True)
     return save_model_dir(model, tokenizer, out)
 
 
@@ -163,49 +170,120 @@ def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def load_llama(path: str | Path) -> tuple[dict, dict]:
-    """(Meta-layout state dict, params) from a Meta or Hugging Face LLaMA directory."""
+def _meta_name(hf_name: str) -> tuple[str, bool] | None:
+    """(Meta name, whether q/k rows need unpermuting) of a Hugging Face Llama tensor; None
+    for tensors nxtp has no use for (e.g. rotary_emb.inv_freq buffers)."""
+    if hf_name == "model.embed_tokens.weight":
+        return "tok_embeddings.weight", False
+    if hf_name == "model.norm.weight":
+        return "norm.weight", False
+    if hf_name == "lm_head.weight":
+        return "output.weight", False
+    if m := re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", hf_name):
+        name = _HF_NAMES.get(m.group(2))
+        if name is not None:
+            return f"layers.{m.group(1)}.{name}.weight", name in ("attention.wq", "attention.wk")
+    return None
+
+
+def _kept(meta_name: str, n_layers: int) -> bool:
+    m = re.match(r"layers\.(\d+)\.", meta_name)
+    return m is None or int(m.group(1)) < n_layers
+
+
+def _hf_shard_keys(path: Path, files: list[Path]) -> dict[Path, list[str]]:
+    """Which tensor names each weight file holds: from the index json when there is one
+    (no shard opened), else from each safetensors header (a few KB read)."""
+    from safetensors import safe_open
+
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            by_file: dict[Path, list[str]] = {}
+            for name, file in weight_map.items():
+                by_file.setdefault(path / file, []).append(name)
+            return by_file
+    by_file = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                by_file[f] = list(sf.keys())
+        else:
+            by_file[f] = list(load_pickle(f))  # memory-mapped: only the names are read
+    return by_file
+
+
+def _read_hf(files_keys: dict[Path, list[str]], wanted: dict[str, tuple[str, bool]], n_heads: int) -> dict:
+    """The `wanted` tensors ({HF name: (Meta name, unpermute)}), each read on its own."""
+    from safetensors import safe_open
+
+    state = {}
+    for f, keys in files_keys.items():
+        keys = [k for k in keys if k in wanted]
+        if not keys:
+            continue  # a shard holding only dropped blocks is never opened
+        if not f.is_file():
+            raise CheckpointError(f"{f}: file not found (named by the index json)")
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                tensors = {k: sf.get_tensor(k).clone() for k in keys}  # out of the mapping: see load_llama
+        else:
+            shard = load_pickle(f)
+            tensors = {k: shard[k].clone() for k in keys}
+        for k, v in tensors.items():
+            name, permuted = wanted[k]
+            state[name] = unpermute_hf(v, n_heads) if permuted else v
+    return state
+
+
+def load_llama(path: str | Path, n_layers: int | None = None) -> tuple[dict, dict]:
+    """(Meta-layout state dict, params) from a Meta or Hugging Face LLaMA directory, with
+    only the first `n_layers` blocks (all when None). Only the kept tensors are read:
+    safetensors tensors one by one, `.pth` files memory-mapped, so peak memory is about the
+    kept weights, not the whole model. Kept tensors are copied out of the file mappings:
+    pages read through a mapping stay resident while any tensor of that file lives, so
+    zero-copy views would keep the source bytes in memory beside their converted copies."""
     path = Path(path)
     if (path / "params.json").is_file():
         params = json.loads((path / "params.json").read_text())
+        _check_layers(n_layers, params)
         shards = sorted(path.glob("consolidated.*.pth"))
         if len(shards) != 1:
             raise CheckpointError(f"{path}: expected exactly one consolidated.*.pth (7B), found {len(shards)}")
-        state = load_pickle(shards[0])
-        state.pop("rope.freqs", None)
+        mapped = load_pickle(shards[0])
+        mapped.pop("rope.freqs", None)
+        state = {k: v.clone() for k, v in mapped.items() if _kept(k, n_layers or params["n_layers"])}
         return state, params
     if (path / "config.json").is_file():
-        from safetensors.torch import load_file
-
         hf = json.loads((path / "config.json").read_text())
         n_heads = hf["num_attention_heads"]
         if hf.get("num_key_value_heads", n_heads) != n_heads:
             raise CheckpointError(f"{path}: grouped-query attention (num_key_value_heads) is not supported")
+        params = {"dim": hf["hidden_size"], "n_heads": n_heads, "n_layers": hf["num_hidden_layers"],
+                  "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": hf.get("rope_theta", 10000.0)}
+        _check_layers(n_layers, params)
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
-        raw = {}
-        for f in files:
-            raw.update(load_file(str(f)) if f.suffix == ".safetensors" else load_pickle(f))
-        state = {}
-        for k, v in raw.items():
-            if k == "model.embed_tokens.weight":
-                state["tok_embeddings.weight"] = v
-            elif k == "model.norm.weight":
-                state["norm.weight"] = v
-            elif k == "lm_head.weight":
-                state["output.weight"] = v
-            elif m := re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", k):
-                name = _HF_NAMES.get(m.group(2))
-                if name is None:
-                    continue  # e.g. rotary_emb.inv_freq buffers
-                if name in ("attention.wq", "attention.wk"):
-                    v = unpermute_hf(v, n_heads)
-                state[f"layers.{m.group(1)}.{name}.weight"] = v
-        params = {"dim": hf["hidden_size"], "n_heads": n_heads, "n_layers": hf["num_hidden_layers"],
-                  "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": hf.get("rope_theta", 10000.0)}
-        return state, params
+        files_keys = _hf_shard_keys(path, files)
+        wanted = {k: target for keys in files_keys.values() for k in keys
+                  if (target := _meta_name(k)) and _kept(target[0], n_layers or params["n_layers"])}
+        return _read_hf(files_keys, wanted, n_heads), params
     raise CheckpointError(f"{path}: neither a Meta LLaMA folder (params.json) nor a Hugging Face one (config.json)")
+
+
+def _check_layers(n_layers: int | None, params: dict) -> None:
+    if n_layers is not None and not 1 <= n_layers <= params["n_layers"]:
+        raise NxtrecError(f"--decoder-layers must be between 1 and {params['n_layers']}, got {n_layers}")
+
+
+def _append_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`weight` as float32 with `rows` below it: `torch.cat([weight.float(), rows])` without
+    the intermediate float32 copy of `weight` (a vocabulary-sized matrix)."""
+    out = torch.empty(weight.shape[0] + rows.shape[0], weight.shape[1])
+    out[: weight.shape[0]] = weight
+    out[weight.shape[0]:] = rows
+    return out
 
 
 def convert_llama(
@@ -213,32 +291,30 @@ def convert_llama(
 ) -> Path:
     llama = Path(llama)
     tokenizer = Path(tokenizer) if tokenizer else llama / "tokenizer.model"
-    state, params = load_llama(llama)
-    if not 1 <= decoder_layers <= params["n_layers"]:
-        raise NxtrecError(f"--decoder-layers must be between 1 and {params['n_layers']}, got {decoder_layers}")
+    dec, params = load_llama(llama, decoder_layers)
     base = ModelConfig()
     tok = Tokenizer(tokenizer, base.special_tokens, base.delimiter)
     dim = params["dim"]
-    dec = {k: v for k, v in state.items() if not (m := re.match(r"layers\.(\d+)\.", k)) or int(m.group(1)) < decoder_layers}
     g = torch.Generator().manual_seed(seed)
     n_new = len(base.special_tokens)
     # Added rows (DESIGN section 5): embeddings ~ N(0, 1); output rows: PyTorch's Linear
     # init, except `<|empty|>` (the last) which is zero.
-    emb, out_w = dec["tok_embeddings.weight"].float(), dec["output.weight"].float()
     new_emb = torch.randn(n_new, dim, generator=g)
     bound = 1.0 / math.sqrt(dim)  # kaiming_uniform(a=sqrt(5)) on a [*, dim] matrix
     new_out = (torch.rand(n_new, dim, generator=g) * 2 - 1) * bound
     new_out[-1] = 0.0
-    dec["tok_embeddings.weight"] = torch.cat([emb, new_emb])
-    dec["output.weight"] = torch.cat([out_w, new_out])
+    dec["tok_embeddings.weight"] = _append_rows(dec.pop("tok_embeddings.weight"), new_emb)
+    dec["output.weight"] = _append_rows(dec.pop("output.weight"), new_out)
+    hidden_dim = dec["layers.0.feed_forward.w1.weight"].shape[0]
     state = {f"language_decoder.{k}": v for k, v in dec.items()}
+    del dec  # `state` holds the only references: `_write` frees each source as it converts it
     state.update(load_clip_visual(clip))
     enc = encoder_config_from(state, str(clip), encoder_heads)
     proj = torch.randn(dim, enc.width, generator=g) * enc.width**-0.5
     state["vision_encoder.proj.weight"] = proj
     decoder = DecoderConfig(
         dim=dim, n_layers=decoder_layers, n_heads=params["n_heads"],
-        hidden_dim=dec["layers.0.feed_forward.w1.weight"].shape[0], vocab_size=tok.vocab_size,
+        hidden_dim=hidden_dim, vocab_size=tok.vocab_size,
         norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
     )
     config = ModelConfig(encoder=enc, decoder=decoder, description=f"LLaMA {llama.name} (first {decoder_layers} blocks) + CLIP {Path(clip).name}, untrained")

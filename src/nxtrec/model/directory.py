@@ -51,7 +51,9 @@ def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, empty: b
     if empty:
         with torch.device("meta"):
             model = NxtpModel(config)
-        return model.to_empty(device=device).to(dtype)
+        # dtype first, while on "meta": the storage is then allocated once, in `dtype`, and
+        # never written (converting allocated storage would touch a second copy).
+        return model.to(dtype).to_empty(device=device)
     with torch.device(device):
         return NxtpModel(config).to(dtype)
 
@@ -84,26 +86,62 @@ def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "f
     return model.eval(), tokenizer
 
 
+def verify_model_dir(path: str | Path) -> str:
+    """Check a model directory without loading its weights: the config, the tokenizer, and
+    every tensor's name and shape in the safetensors header (a truncated file fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    config = ModelConfig.load(path / CONFIG_FILE)
+    tokenizer = Tokenizer(path / TOKENIZER_FILE, config.special_tokens, config.delimiter)
+    if tokenizer.vocab_size != config.decoder.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, config says {config.decoder.vocab_size}")
+    weights = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: cannot read safetensors file ({e})") from None
+    with torch.device("meta"):
+        expected = NxtpModel(config).state_dict()
+    check_state_dict(expected, shapes, str(weights))
+    return f"{len(shapes)} tensors, {sum(t.numel() for t in shapes.values()) / 1e6:.1f}M parameters"
+
+
 def save_model_dir(model: NxtpModel, tokenizer_file: str | Path, out: str | Path) -> Path:
-    """Write a model directory. Files are written to a temporary folder next to `out` and
-    moved into place, so an interrupted save never leaves a half-written model."""
+    """Write a model directory. Everything is written to a temporary folder next to `out`,
+    which then replaces `out` by renames: a reader sees the old model or the new one, never a
+    mix, and a failed save (disk full, interrupt) leaves the old one untouched. Other files
+    already in `out` are carried over."""
     from safetensors.torch import save_file
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.config.save(tmp / CONFIG_FILE)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if Path(tokenizer_file).resolve() != (tmp / TOKENIZER_FILE).resolve():
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        out.mkdir(exist_ok=True)
-        for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE):
-            os.replace(tmp / name, out / name)
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the finished folder `new` to `out`, keeping the extra files of an existing `out`."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    own = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE}
+    shutil.copytree(out, new, dirs_exist_ok=True, ignore=lambda d, names: own if Path(d) == out else ())
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 VIT_L14 = EncoderConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224)

@@ -7,14 +7,17 @@ model was trained with.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nxtrec.errors import NxtrecError
 
@@ -22,58 +25,161 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-# Pillow's own decompression-bomb limit (2 x 89.5 Mpixels); bigger headers are refused
-# before any pixel is decoded.
-MAX_IMAGE_PIXELS = 2 * 89_478_485
+# The pixel budget: an image whose header declares more pixels than this is refused before
+# any pixel is decoded (64 Mpx decodes to at most ~256 MB as RGBA). Override it with the
+# environment variable below or the `max_pixels` argument of `load_image`. Pillow's own
+# global limit is left untouched (changing it per call is not thread-safe); Pillow refuses by
+# itself at twice its limit (~179 Mpx), so budgets above that need the caller to raise
+# `PIL.Image.MAX_IMAGE_PIXELS` too.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_PIXELS_ENV = "NXTREC_MAX_IMAGE_PIXELS"
+# EXIF orientation (phone photos are stored rotated) is applied unless this is "0"; the
+# reference pipeline ignored it, so set it to 0 to reproduce published numbers exactly on
+# datasets whose images carry orientation tags. An environment variable reaches every
+# reader, data-loader workers included.
+EXIF_ENV = "NXTREC_EXIF_ORIENTATION"
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+# Pillow warns between its limit and twice it; such images are over our budget and refused
+# with an ImageError anyway, so the warning would only repeat that.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_FILE_KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+               stat.S_ISSOCK: "a socket"}
+_ROWS_PER_CHUNK = 1024  # rows converted at a time from high bit-depth modes (bounded temporaries)
+# 16-bit grey -> 8 bits, rounded; a table lookup avoids any float copy of the whole image.
+_U16_TO_U8 = np.clip(np.arange(65536, dtype=np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 class ImageError(NxtrecError, ValueError):
     """An image that cannot be used; the message is one line naming the file."""
 
 
+def max_image_pixels() -> int:
+    """The pixel budget in force: $NXTREC_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        budget = int(value.replace("_", ""))
+    except ValueError:
+        budget = 0
+    if budget <= 0:
+        raise ImageError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive number of pixels")
+    return budget
+
+
+def exif_orientation_enabled() -> bool:
+    return os.environ.get(EXIF_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit or 32-bit grey -> 8-bit grey, rescaled instead of clipped at 255."""
+    if img.mode.startswith("I;16"):
+        return Image.fromarray(_U16_TO_U8[np.asarray(img)], mode="L")
+    arr = np.asarray(img)  # mode I (int32) or F (float32)
+    peak = 65535.0 if arr.max() > 255 else 255.0
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for top in range(0, arr.shape[0], _ROWS_PER_CHUNK):
+        rows = arr[top : top + _ROWS_PER_CHUNK].astype(np.float64)
+        out[top : top + _ROWS_PER_CHUNK] = np.clip(rows / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit-depth grey: rescale to 8 bits instead of clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return _high_depth_to_l(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise `ImageError` with a one-line reason."""
+def _check_path(name: str) -> None:
+    """Refuse, with a one-line reason, what `open` would block on or fail at obscurely."""
+    if _URL.match(name):
+        raise ImageError(f"{name}: URLs are not fetched; download the image and pass the file")
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        broken = os.path.islink(name)
+        raise ImageError(f"{name}: {'broken symbolic link' if broken else 'no such file'}") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"{name}: symbolic link loop") from None
+        raise ImageError(f"{name}: cannot access ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        readable = os.access(name, os.R_OK | os.X_OK)
+        raise ImageError(f"{name}: is a directory{'' if readable else ' that cannot be read (permission denied)'}")
+    for is_kind, kind in _FILE_KINDS.items():
+        if is_kind(st.st_mode):
+            raise ImageError(f"{name}: is {kind}, not a regular file")
+    if st.st_size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes), not an image")
+
+
+def _open_within_budget(fp, name: str, budget: int) -> Image.Image:
+    """Read the header, refuse more than `budget` pixels, then decode."""
+    img = Image.open(fp)
+    w, h = img.size
+    if w * h > budget:
+        raise _too_large(name, f"{w}x{h} = {w * h / 1e6:.1f} Mpx", budget)
+    if w == 0 or h == 0:
+        raise ImageError(f"{name}: image has zero size ({w}x{h})")
+    img.load()
+    return img
+
+
+def _too_large(name: str, size: str, budget: int) -> ImageError:
+    return ImageError(f"{name}: image too large ({size}; the limit is {budget / 1e6:g} Mpx, "
+                      f"set {MAX_PIXELS_ENV} to change it)")
+
+
+def load_image(source: ImageInput, *, max_pixels: int | None = None,
+               exif_orientation: bool | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise `ImageError` with a one-line reason.
+
+    `max_pixels` defaults to `max_image_pixels()`; `exif_orientation` (rotate as the EXIF
+    tag says) defaults to `exif_orientation_enabled()`."""
     if isinstance(source, Image.Image):
         return _to_rgb(source)
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    budget = max_image_pixels() if max_pixels is None else max_pixels
+    rotate = exif_orientation_enabled() if exif_orientation is None else exif_orientation
+    name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(f"{name}: empty (0 bytes), not an image")
+    else:
+        _check_path(name)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-            with fp:
-                old_limit = Image.MAX_IMAGE_PIXELS
-                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-                try:
-                    img = Image.open(fp)
-                    img.load()
-                finally:
-                    Image.MAX_IMAGE_PIXELS = old_limit
+        with io.BytesIO(source) if isinstance(source, bytes) else open(name, "rb") as fp:
+            img = _open_within_budget(fp, name, budget)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: image too large ({e})") from None
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory") from None
+        # Pillow's own refusal (at twice its limit) comes from the header, before ours.
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(name, f"{int(pixels[1]) / 1e6:.1f} Mpx" if pixels else str(e), budget) from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image or an unsupported format") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: cannot decode image ({e})") from None
+    if rotate:
+        img = _apply_exif_orientation(img, name)
     return _to_rgb(img)
+
+
+def _apply_exif_orientation(img: Image.Image, name: str) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except (OSError, SyntaxError, ValueError, TypeError) as e:
+        raise ImageError(f"{name}: unreadable EXIF orientation ({e})") from None
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -115,14 +221,24 @@ def preprocess(img: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 def list_images(paths) -> list[str]:
-    """Expand folder arguments to the images inside them (sorted); keep files as given."""
+    """Expand folder arguments to the images inside them (sorted); keep other arguments as
+    given. Nothing is dropped silently: an unreadable sub-folder, and an entry with an image
+    extension that is not a regular file (FIFO, broken link, link loop), stay in the list so
+    that `load_image` reports them."""
     out: list[str] = []
     for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(
-                str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-            )
+        name = os.fspath(p)
+        if os.path.isdir(name):
+            out += _images_in_folder(str(Path(name)))
         else:
-            out.append(str(p))
+            out.append(name)
     return out
+
+
+def _images_in_folder(folder: str) -> list[str]:
+    found: list[str] = []
+    # os.walk reports unreadable folders through onerror (Path.rglob skips them silently);
+    # symbolic links to folders are not followed, as before.
+    for root, _, files in os.walk(folder, onerror=lambda e: found.append(e.filename)):  # noqa: B023
+        found += [os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)

@@ -52,6 +52,7 @@ from nxtrec.onnx.graphs import (
     graph_signatures,
     kv_names,
 )
+from nxtrec.onnx.integrity import file_records
 from nxtrec.onnx.layout import (
     DECODER_DATA,
     ENCODER_DATA,
@@ -62,7 +63,6 @@ from nxtrec.onnx.layout import (
     OnnxExportError,
     check_out_dir,
     export_module,
-    file_sizes,
     share_external_data,
 )
 from nxtrec.onnx.quantize import quantize_dir
@@ -100,7 +100,7 @@ def export_graphs(model: NxtpModel, tokenizer: Tokenizer, out_dir: Path, log=pri
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    d, L = cfg.decoder, cfg.decoder.n_layers
+    L = cfg.decoder.n_layers
     dtype = model.language_decoder.output.weight.dtype
     size = cfg.encoder.image_size
     times = {}
@@ -248,6 +248,7 @@ def export_onnx(
     finally:
         if quantize:
             shutil.rmtree(float_dir, ignore_errors=True)
-    manifest["sizes"] = file_sizes(out_dir)
+    # Sizes are checked whenever the folder is opened, hashes by `predict --verify` / `nxtrec verify`.
+    manifest["sizes"], manifest["sha256"] = file_records(out_dir)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from nxtrec.errors import NxtrecError
+from nxtrec.inference.compat import as_reference, check_compat, rank_ppl_as_reference
+from nxtrec.inference.mapping import DEFAULT_MAP_THRESHOLD, mapper_for
 from nxtrec.inference.ranking import (
     MAX_LABEL_TOKENS,
     Branch,
@@ -36,9 +38,11 @@ from nxtrec.inference.ranking import (
     rank_labels,
     to_branches,
 )
+from nxtrec.inference.vocab import TrieWalk, keep_listed, one_shot_limits, trie_for
 from nxtrec.model.config import ModelConfig
 from nxtrec.model.image import ImageError, load_image, preprocess_array
 from nxtrec.model.tokenizer import Tokenizer
+from nxtrec.onnx.integrity import IntegrityError, check_sizes, load_embeddings
 
 MANIFEST = "nxtrec-onnx.json"
 RELEASED_DECODER = re.compile(r"decoder_p(\d+)\.onnx$")
@@ -196,12 +200,21 @@ class OnnxRecognizer:
         self.num_image_tokens = int(m["num_image_tokens"])
         self.n_layers = int(m["n_layers"])
         self.image_size = int(m["image_size"])
-        self.embeddings = np.load(self.path / files["embeddings"], mmap_mode="r")
-        self.encoder = make_session(self.path / files["encoder"], self.threads)
+        try:
+            check_sizes(self.path, m)  # a stat per file; hashes only on request (check_hashes)
+            self.embeddings = load_embeddings(self.path / files["embeddings"])
+        except IntegrityError as e:
+            raise OnnxRuntimeError(str(e)) from None
+        # Float weights are used where ONNX Runtime memory-maps them: prepacking would copy
+        # every MatMul weight at load (5x the load time, the weights' size again in RAM) and
+        # was not faster. int8 MatMuls need their packed layout (slower without).
+        unpacked = not m.get("quantization")
+        self.encoder = make_session(self.path / files["encoder"], self.threads, disable_prepacking=unpacked)
         # The step graph also computes the prefill (empty prefix and past), so one session
         # holds the decoder weights; the dedicated prefill graph would hold a second copy.
-        self.step_session = make_session(self.path / files["step"], self.threads)
-        self.prefill_session = make_session(self.path / files["prefill"], self.threads) if self.use_prefill_graph else None
+        self.step_session = make_session(self.path / files["step"], self.threads, disable_prepacking=unpacked)
+        self.prefill_session = (make_session(self.path / files["prefill"], self.threads, disable_prepacking=unpacked)
+                                if self.use_prefill_graph else None)
         self.dtype = _input_dtype(self.step_session)
         self.kv_names = {p: [f"{p}_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]
                          for p in ("prefix", "past")}
@@ -262,17 +275,18 @@ class OnnxRecognizer:
         return np.asarray(self.embeddings[np.asarray(tokens)], dtype=self.dtype)[:, None, :]
 
     def one_shot(self, image_tokens: np.ndarray, k: int, max_label_tokens: int = MAX_LABEL_TOKENS,
-                 steps: int | None = None) -> list[list[Branch]]:
+                 steps: int | None = None, vocab=None) -> list[list[Branch]]:
         """k branches per image (see `nxtrec.sampling.one_shot`). `steps` fixes the number of
-        greedy steps after the top-k step and keeps every branch running (benchmarks)."""
+        greedy steps after the top-k step and keeps every branch running (benchmarks). `vocab`
+        (a `VocabTrie`) restricts the branches to a tag list (nxtrec.inference.vocab)."""
         if self.layout == "released":
-            return self.one_shot_no_cache(image_tokens, k, max_label_tokens, steps)
+            return self.one_shot_no_cache(image_tokens, k, max_label_tokens, steps, vocab=vocab)
         x = self.prefix_embeddings(image_tokens)
         logits, kv = self.prefill(x)
         results = []
         for b in range(x.shape[0]):
             prefix = [t[b : b + 1] for t in kv]
-            results += self.continue_branches(logits[b : b + 1], prefix, x.shape[1], k, max_label_tokens, steps)
+            results += self.continue_branches(logits[b : b + 1], prefix, x.shape[1], k, max_label_tokens, steps, vocab)
         return results
 
     def prefill(self, x: np.ndarray):
@@ -296,10 +310,11 @@ class OnnxRecognizer:
         return out[0], out[1:]
 
     def continue_branches(self, logits, prefix, prefix_len: int, k: int, max_label_tokens: int = MAX_LABEL_TOKENS,
-                          steps: int | None = None) -> list[list[Branch]]:
+                          steps: int | None = None, vocab=None) -> list[list[Branch]]:
         """One image, after its prefill (`logits` [1, vocab], `prefix` keys/values [1, H, L, D]):
         top-k, then greedy steps over the unfinished branches with the step graph."""
-        first_p, first = topk(softmax(logits), k)
+        walk = None if vocab is None else TrieWalk(vocab)
+        first_p, first = topk(softmax(logits), k) if walk is None else walk.first(softmax(logits), k)
         tokens = first.reshape(-1)
         seqs = [[int(t)] for t in tokens]
         probs = [[float(p)] for p in first_p.reshape(-1)]
@@ -316,8 +331,11 @@ class OnnxRecognizer:
                 break
             logits, past = self.step(tokens, prefix_len + step, prefix, past)
             p = softmax(logits)
-            nxt = p.argmax(-1)
-            pmax = p[np.arange(len(nxt)), nxt]
+            if walk is None:
+                nxt = p.argmax(-1)
+                pmax = p[np.arange(len(nxt)), nxt]
+            else:
+                pmax, nxt = walk.step(p, active)
             for branch, t, pt in zip(active, nxt.tolist(), pmax.tolist()):
                 seqs[branch].append(t)
                 probs[branch].append(pt)
@@ -344,13 +362,15 @@ class OnnxRecognizer:
         return h
 
     def one_shot_no_cache(self, image_tokens, k: int, max_label_tokens: int = MAX_LABEL_TOKENS,
-                          steps: int | None = None, prefix_logits: np.ndarray | None = None) -> list[list[Branch]]:
+                          steps: int | None = None, prefix_logits: np.ndarray | None = None,
+                          vocab=None) -> list[list[Branch]]:
         """Released layout, the reference's loop: every step re-runs the whole sequence of all
         branches (no cache), finished branches included, until every branch has emitted the
         delimiter. `prefix_logits`: the prefix's logits when the caller computed them already."""
         x = self.prefix_embeddings(image_tokens)
         logits = self.run_released(x) if prefix_logits is None else prefix_logits
-        first_p, first = topk(softmax(logits), k)
+        walk = None if vocab is None else TrieWalk(vocab)
+        first_p, first = topk(softmax(logits), k) if walk is None else walk.first(softmax(logits), k)
         tokens = first.reshape(-1)
         seqs = [[int(t)] for t in tokens]
         probs = [[float(p)] for p in first_p.reshape(-1)]
@@ -360,8 +380,11 @@ class OnnxRecognizer:
         for _ in range(n_steps):
             x = np.concatenate([x, self.embed(tokens)], axis=1)
             p = softmax(self.run_released(x))
-            tokens = p.argmax(-1)
-            pmax = p[np.arange(len(tokens)), tokens]
+            if walk is None:
+                tokens = p.argmax(-1)
+                pmax = p[np.arange(len(tokens)), tokens]
+            else:
+                pmax, tokens = walk.step(p, list(range(len(tokens))))
             for branch, (t, pt) in enumerate(zip(tokens.tolist(), pmax.tolist())):
                 seqs[branch].append(t)
                 probs[branch].append(pt)
@@ -371,18 +394,35 @@ class OnnxRecognizer:
         return to_branches(seqs, probs, k, self.delimiter_id)
 
     def predict_batch(self, pixels: np.ndarray, top_k: int = 10, extra_k: int = 0, ranking: str = "prob",
-                      max_label_tokens: int | None = None) -> list[list[Label]]:
+                      max_label_tokens: int | None = None, vocab=None, map_to=None, map_threshold: float = DEFAULT_MAP_THRESHOLD,
+                      compat: str | None = None) -> list[list[Label]]:
         """Labels for preprocessed images [B, 3, S, S]: `top_k + extra_k` branches, at most
-        `top_k` labels after merging."""
+        `top_k` labels after merging. `vocab`, `map_to` / `map_threshold` and `compat` as in
+        `Recognizer.predict_batch` (`map_to` embeds with MiniLM, so it needs PyTorch)."""
         if top_k < 1:
             raise OnnxRuntimeError(f"top_k must be >= 1 (got {top_k})")
+        check_compat(compat)
+        trie = trie_for(vocab, self.tokenizer, self.config.prompt)
+        k, cap = top_k + extra_k, max_label_tokens or MAX_LABEL_TOKENS
+        if trie is not None:
+            k, cap = one_shot_limits(trie, k, max_label_tokens)
         image_tokens = self.encode(pixels)
-        branches = self.one_shot(image_tokens, top_k + extra_k, max_label_tokens or MAX_LABEL_TOKENS)
-        return [
-            rank_labels(br, self.tokenizer.decode, ranking, top_k, embed_tokens=lambda ids: self.embeddings[np.array(ids)],
-                        image_tokens=img, delimiter_id=self.delimiter_id)
-            for br, img in zip(branches, image_tokens)
-        ]
+        branches = self.one_shot(image_tokens, k, cap, vocab=trie)
+        if compat:
+            branches = as_reference("one-shot", branches, self.delimiter_id)
+        decode = self.tokenizer.decode
+        if trie is not None:
+            branches, decode = [keep_listed(b, trie) for b in branches], trie.label
+        if compat and ranking == "ppl":
+            labels = [rank_ppl_as_reference(br, decode, top_k) for br in branches]
+        else:
+            labels = [
+                rank_labels(br, decode, ranking, top_k, embed_tokens=lambda ids: self.embeddings[np.array(ids)],
+                            image_tokens=img, delimiter_id=self.delimiter_id)
+                for br, img in zip(branches, image_tokens)
+            ]
+        mapper = mapper_for(map_to, map_threshold)
+        return labels if mapper is None else [mapper.map(labs, top_k) for labs in labels]
 
     def predict(self, images, top_k: int = 10, batch_size: int = 8, **kwargs) -> list[list[Label]]:
         """Labels for each image (paths, bytes or PIL images); a bad image raises `ImageError`."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -55,13 +56,18 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, keep_
     final = root / f"{CKPT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TRAINABLE_FILE),
-              metadata={"format": "pt", "step": str(step)})
-    torch.save(state, tmp / STATE_FILE)
-    for name in (TRAINABLE_FILE, STATE_FILE):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TRAINABLE_FILE),
+                  metadata={"format": "pt", "step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        for name in (TRAINABLE_FILE, STATE_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainError(f"{final}: checkpoint not written: {_write_failure(e)}; the temporary folder was removed and "
+                         "the earlier checkpoints are intact (free space, then resume)") from None
     if final.exists():  # e.g. resumed from an older checkpoint: replace the stale one
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -76,6 +82,12 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, keep_
     return final
 
 
+def _write_failure(e: Exception) -> str:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "file write failed" in str(e):
+        return "disk full"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
@@ -85,6 +97,18 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing error
         raise TrainError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
     return tensors, state
+
+
+def read_newest_readable(run_dir: Path) -> tuple[Path, dict, dict, list[str]]:
+    """The newest checkpoint that reads, its tensors and state, and why each newer one did
+    not (a damaged newest checkpoint falls back to the one before it)."""
+    problems = []
+    for _, path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return (path, *read_checkpoint(path), problems)
+        except TrainError as e:
+            problems.append(str(e))
+    raise TrainError(f"{run_dir}: no readable checkpoint ({'; '.join(problems) or 'none found'})")
 
 
 def find_resume(run_dir: Path, resume: str | bool | None) -> Path | None:

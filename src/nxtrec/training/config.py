@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,11 @@ from nxtrec.errors import NxtrecError
 from nxtrec.model.config import (
     TEMPLATES,  # the ten prompt templates of the released recipe
 )
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport, a dependency there
+    import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
@@ -375,6 +379,31 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise TrainConfigError(f"{source}: data.templates is empty")
     if cfg.data.max_seq_len < 1:
         raise TrainConfigError(f"{source}: data.max_seq_len must be positive")
+    _check_ranges(flat, source)
+
+
+# Numbers that must be >= 0 (every float must also be finite: a NaN learning rate trains nothing).
+NON_NEGATIVE = ("run.seed", "run.kill_after_steps", "data.num_workers", "data.shuffle_buffer", "optim.lr", "optim.min_lr",
+                "optim.weight_decay", "optim.warmup_ratio", "optim.warmup_steps", "optim.grad_clip", "train.epochs",
+                "train.max_steps", "checkpoint.keep_every", "eval.every", "eval.images")
+POSITIVE = ("optim.eps", "eval.batch_size")
+
+
+def _check_ranges(flat: dict, source: str) -> None:
+    for key, value in flat.items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+            raise TrainConfigError(f"{source}: {key} = {value!r}; must be a finite number")
+    for key in NON_NEGATIVE:
+        if key in flat and flat[key] < 0:
+            raise TrainConfigError(f"{source}: {key} = {flat[key]!r}; must be 0 or more")
+    for key in POSITIVE:
+        if key in flat and flat[key] <= 0:
+            raise TrainConfigError(f"{source}: {key} = {flat[key]!r}; must be more than 0")
+    if not all(0 <= b < 1 for b in flat["optim.betas"]):
+        raise TrainConfigError(f"{source}: optim.betas = {flat['optim.betas']}; each must be in [0, 1)")
+    if any(k < 1 for k in flat.get("eval.top_k", [1])):
+        raise TrainConfigError(f"{source}: eval.top_k = {flat['eval.top_k']}; each k must be at least 1")
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig) -> list[str]:

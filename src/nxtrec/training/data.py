@@ -3,6 +3,8 @@ whose order survives restarts."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from nxtrec.training.config import TrainConfig
 from nxtrec.training.distributed import DistInfo
 
@@ -24,6 +26,7 @@ class LoaderStream:
         self.n = self.dataset.num_workers
         self.first_stream = self.dataset.stream_id(0)
         self.epoch = 0
+        self._skipped_before = Counter()  # samples skipped in earlier epochs (and runs), by reason
         self._new_epoch()
 
     def _new_epoch(self) -> None:
@@ -51,6 +54,7 @@ class LoaderStream:
                 self._it = iter(self.loader)
             live = [w for w in range(self.n) if not self._finished(w)]
             if not live:
+                self._skipped_before.update(self.loader.skipped)
                 self.epoch += 1
                 self._new_epoch()
                 continue
@@ -67,9 +71,14 @@ class LoaderStream:
                 continue
             self.queues[batch.stream - self.first_stream].append(batch)
 
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples this rank's loader skipped since the run began, by reason."""
+        return dict(self._skipped_before + self.loader.skipped)
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
+            "skipped": self.skipped_counts(),
             "counts": list(self.counts),
             "positions": {str(k): v for k, v in self.positions.items()},
             "fingerprint": self.dataset.fingerprint(),
@@ -80,6 +89,7 @@ class LoaderStream:
         self._new_epoch()
         self.counts = [int(c) for c in state["counts"]]
         self.positions = {int(k): int(v) for k, v in state["positions"].items()}
+        self._skipped_before = Counter(state.get("skipped", {}))  # absent in older checkpoints
         self.loader.load_state_dict({"epoch": self.epoch, "positions": dict(state["positions"]), "skipped": {},
                                      "fingerprint": state["fingerprint"]})
 

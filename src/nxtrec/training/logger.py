@@ -9,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+from nxtrec.extras import install_hint
 from nxtrec.training.distributed import DistInfo
 from nxtrec.training.errors import TrainError
 
@@ -41,7 +42,7 @@ class Metrics:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
             except ImportError as e:
-                warnings.warn(f"TensorBoard logging is off ({e})")
+                warnings.warn(f"TensorBoard logging is off ({e}; {install_hint('tensorboard')})")
 
     def write(self, record: dict) -> None:
         if not self.enabled:

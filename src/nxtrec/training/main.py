@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,7 +34,12 @@ import torch.distributed as dist
 
 from nxtrec.errors import NxtrecError
 from nxtrec.model.config import ModelConfig
-from nxtrec.training.checkpoint import checkpoint_dirs, find_resume, read_checkpoint
+from nxtrec.training.checkpoint import (
+    checkpoint_dirs,
+    find_resume,
+    read_checkpoint,
+    read_newest_readable,
+)
 from nxtrec.training.config import (
     TrainConfig,
     TrainConfigError,
@@ -41,7 +47,13 @@ from nxtrec.training.config import (
     load_config,
 )
 from nxtrec.training.data import make_data
-from nxtrec.training.distributed import DistInfo, all_reduce, barrier, setup_distributed
+from nxtrec.training.distributed import (
+    DistInfo,
+    all_reduce,
+    barrier,
+    gather_objects,
+    setup_distributed,
+)
 from nxtrec.training.errors import TrainError, TrainingDiverged
 from nxtrec.training.logger import Metrics, Progress, say
 from nxtrec.training.scheduler import warmup_steps
@@ -169,7 +181,12 @@ def resume_run(tr: Trainer, run_dir: Path, resume, source, total: int) -> int:
     ckpt = find_resume(run_dir, resume)
     if ckpt is None:
         return 0
-    tensors, state = read_checkpoint(ckpt)
+    if isinstance(resume, (str, Path)):  # the checkpoint asked for, or an error
+        tensors, state = read_checkpoint(ckpt)
+    else:
+        ckpt, tensors, state, unreadable = read_newest_readable(run_dir)
+        for problem in unreadable:
+            say(info, f"warning: {problem}; falling back to the checkpoint before it")
     load_trainer_state(tr, ckpt, tensors, state)
     source.load_state_dict(state["data"][info.rank])
     start = int(state["step"])
@@ -268,7 +285,7 @@ def after_step(tr: Trainer, source, metrics: Metrics, record: dict, run_dir: Pat
     """What follows a step on its schedule: the metrics record, evaluation, the checkpoint."""
     cfg, step = tr.cfg, record["step"]
     if step % cfg.log.every == 0 or step == total:
-        metrics.write(record)
+        metrics.write(with_skipped_counts(record, source, tr.info))
     if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
         metrics.write(evaluate_during_training(tr, step))
     if step % cfg.checkpoint.every == 0 or step == total:
@@ -277,6 +294,17 @@ def after_step(tr: Trainer, source, metrics: Metrics, record: dict, run_dir: Pat
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)  # testing: die like a preempted job
+
+
+def with_skipped_counts(record: dict, source, info: DistInfo) -> dict:
+    """The record plus `skipped`: samples the data loaders of all ranks skipped so far, by
+    reason (collective: every rank logs the same steps)."""
+    if not hasattr(source, "skipped_counts"):
+        return record  # a custom batch source
+    total: Counter = Counter()
+    for counts in gather_objects(source.skipped_counts(), info):
+        total.update(counts)
+    return {**record, "skipped": dict(total)}
 
 
 def evaluate_during_training(tr: Trainer, step: int) -> dict:

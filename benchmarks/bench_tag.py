@@ -1,0 +1,156 @@
+"""`nxtrec tag` throughput and memory against the model alone and a loop of `predict`.
+
+    nxtrec synth --out /tmp/tagbench/synth --n 2000 --val 0      # the 2,000 scenes (images/)
+    python benchmarks/bench_tag.py --images /tmp/tagbench/synth/images
+    python benchmarks/bench_tag.py --images ... --dtype float32 bfloat16 --rss-repeat 10
+    python benchmarks/bench_tag.py --images ... --only ceiling --profile    # where a batch's time goes
+
+Bundled demo model, CPU, one-shot top-k 10. Every measurement runs in its own process (so
+its peak RSS is its own), one after the other:
+  ceiling  the model alone: images decoded and preprocessed in memory beforehand, timed over
+           `predict_batch` calls of --batch-size;
+  tag      `nxtrec tag` on the files (its manifest's this-run time: loading the model and
+           listing the inputs excluded), same batch size;
+  predict  a loop of `Recognizer.predict` over the files in batches of 8 (decoding in the
+           main process, as `nxtrec predict` does);
+  rss      peak RSS of `nxtrec tag` over the files, and over a --list repeating them
+           --rss-repeat times (memory must not grow with the number of images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = "--child"
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _files(folder: str, n: int) -> list[str]:
+    from nxtrec.model.image import list_images
+
+    files = list_images([folder])[:n]
+    if len(files) < n:
+        sys.exit(f"{folder}: {len(files)} images, {n} wanted")
+    return files
+
+
+def child_ceiling(args) -> dict:
+    import torch
+
+    from nxtrec.inference.recognizer import Recognizer
+
+    rec = Recognizer.from_pretrained(None, dtype=args.dtype)
+    pixels = torch.cat([rec.pixels(chunk) for chunk in _chunks(_files(args.images, args.n), 256)])
+    rec.predict_batch(pixels[: args.batch_size], top_k=10)  # warm-up
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    start = time.perf_counter()
+    for i in range(0, len(pixels), args.batch_size):
+        rec.predict_batch(pixels[i : i + args.batch_size], top_k=10)
+    seconds = time.perf_counter() - start
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(18)
+    return {"images": len(pixels), "seconds": seconds}
+
+
+def child_predict(args) -> dict:
+    from nxtrec.inference.recognizer import Recognizer
+
+    rec = Recognizer.from_pretrained(None, dtype=args.dtype)
+    files = _files(args.images, args.n)
+    rec.predict(files[:8], top_k=10)  # warm-up
+    start = time.perf_counter()
+    for chunk in _chunks(files, 8):
+        rec.predict(chunk, top_k=10, batch_size=8)
+    return {"images": len(files), "seconds": time.perf_counter() - start}
+
+
+def child_tag(args) -> dict:
+    from nxtrec.cli.main import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "list.txt"
+        listing.write_text("\n".join(_files(args.images, args.n) * args.repeat) + "\n")
+        out = Path(tmp) / "out"
+        argv = ["tag", "--list", str(listing), "--out", str(out), "--top-k", "10", "--batch-size", str(args.batch_size),
+                "--dtype", args.dtype, "--log-every", "1e9"]  # fmt: skip
+        if args.workers is not None:
+            argv += ["--workers", str(args.workers)]
+        if main(argv) != 0:
+            sys.exit("nxtrec tag failed")
+        run = json.loads((out / "manifest.json").read_text())["this_run"]
+    return {"images": run["images"], "seconds": run["seconds"]}
+
+
+def _chunks(items: list, size: int):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def measure(args, kind: str, dtype: str, repeat: int = 1) -> dict:
+    cmd = [sys.executable, __file__, CHILD, kind, "--images", args.images, "--n", str(args.n), "--dtype", dtype,
+           "--batch-size", str(args.batch_size), "--repeat", str(repeat)]  # fmt: skip
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    if args.profile:
+        cmd.append("--profile")
+    lines = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    result["images_per_s"] = result["images"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of images (nxtrec synth's images/)")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--workers", type=int, help="nxtrec tag --workers (default: its own)")
+    p.add_argument("--rss-repeat", type=int, default=0, help="also measure peak RSS over the files repeated this many times")
+    p.add_argument("--only", nargs="*", default=["ceiling", "tag", "predict"], choices=["ceiling", "tag", "predict"])
+    p.add_argument("--profile", action="store_true", help="print the ceiling run's cProfile top functions")
+    p.add_argument(CHILD, dest="child", choices=["ceiling", "tag", "predict"], help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.dtype = args.dtype[0]
+        result = {"ceiling": child_ceiling, "tag": child_tag, "predict": child_predict}[args.child](args)
+        print(json.dumps({**result, "peak_rss_mb": _peak_rss_mb()}))
+        return
+    print(f"{args.n} images from {args.images}, bundled demo model, top-k 10, batch {args.batch_size}, CPU")
+    for dtype in args.dtype:
+        results = {kind: measure(args, kind, dtype) for kind in args.only}
+        for kind, r in results.items():
+            print(f"{dtype:9s} {kind:8s} {r['images_per_s']:7.1f} images/s  ({r['images']} in {r['seconds']:.1f} s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB)")  # fmt: skip
+        if "ceiling" in results and "tag" in results:
+            print(f"{dtype:9s} tag / ceiling {results['tag']['images_per_s'] / results['ceiling']['images_per_s']:.1%}")
+        if "predict" in results and "tag" in results:
+            print(f"{dtype:9s} tag / predict loop {results['tag']['images_per_s'] / results['predict']['images_per_s']:.2f}x")
+    if args.rss_repeat:
+        small, big = measure(args, "tag", args.dtype[0]), measure(args, "tag", args.dtype[0], args.rss_repeat)
+        print(f"peak RSS of nxtrec tag: {small['peak_rss_mb']:.0f} MB for {small['images']} images, "
+              f"{big['peak_rss_mb']:.0f} MB for {big['images']} ({big['peak_rss_mb'] / small['peak_rss_mb'] - 1:+.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""`nxtrec serve [--model DIR | --onnx DIR]`: the HTTP tagging service and its web page."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from nxtrec.cli.options import (
+    device,
+    existing_dir,
+    int_between,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
+from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
+from nxtrec.errors import NxtrecError
+
+API_KEY_ENV = "NXTREC_API_KEY"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP tagging service with dynamic batching and a web page (extra: serve)")
+    p.add_argument("--model", type=existing_dir, help="model directory (default: the bundled default model)")
+    p.add_argument("--onnx", metavar="DIR", type=existing_dir, help="serve an exported ONNX directory with ONNX Runtime instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_between(1, 65535), default=8000, help="TCP port to listen on")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="most images per model call")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=10.0, help="longest wait for a batch to fill")
+    p.add_argument("--queue", type=positive_int, default=256, help="images waiting at most; beyond, 503 with Retry-After")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest request body (413 beyond)")
+    p.add_argument("--max-images", type=positive_int, default=32, help="most images in one request")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request (504 beyond)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (--model only)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    add_vocab_arguments(p, compat=False)
+    p.set_defaults(func=run)
+
+
+def _config(args):
+    from nxtrec.serving.app import ServeConfig
+
+    if args.max_images > args.queue:
+        raise NxtrecError(f"--max-images ({args.max_images}) cannot exceed --queue ({args.queue}): such a request could never fit")
+    return ServeConfig(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_upload_mb=args.max_upload_mb,
+        max_images=args.max_images, timeout_s=args.timeout,
+    )
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from nxtrec.serving.app import create_app
+    from nxtrec.serving.engine import load_engine
+
+    config = _config(args)
+    engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype, decode_options=vocab_kwargs(args))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"nxtrec serve: warning: listening on {args.host} without an API key (--api-key or ${API_KEY_ENV})",
+              file=sys.stderr)
+    print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish,
+    # then runs the app's shutdown (the inference worker drains its queue).
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=max(args.timeout, 1.0))
+    return 0

@@ -1,0 +1,58 @@
+"""`nxtrec tag INPUT... --out DIR [--model DIR | --onnx DIR]`: tag a whole collection into
+part files, resumably (see nxtrec.tagging)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from nxtrec.cli.options import (
+    existing_dir,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from nxtrec.cli.vocab_options import add_vocab_arguments
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tag", help="tag a whole collection of images into an output folder (resumable)")
+    p.add_argument("inputs", nargs="*", help="image files, folders (recursive) and globs")
+    p.add_argument("--out", required=True, help="output folder (parts, errors.jsonl, manifest.json)")
+    p.add_argument("--list", dest="list_file", metavar="FILE", help="file with one image path per line ('-': stdin)")
+    p.add_argument("--shards", action="append", default=[], metavar="PATTERN",
+                   help="WebDataset / img2dataset tars, e.g. 'dir/{00000..00123}.tar' (sample keys are the ids)")
+    p.add_argument("--model", help="model directory (default: the bundled default model)")
+    p.add_argument("--onnx", metavar="DIR", type=existing_dir, help="run an exported ONNX directory with ONNX Runtime (no PyTorch)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="one-shot branches, and the most labels per image")
+    p.add_argument("--extra-k", type=non_negative_int, default=0, help="extra branches sampled beyond --top-k")
+    p.add_argument("--min-prob", type=fraction, default=0.0, help="drop labels with a lower probability")
+    p.add_argument("--max-labels", type=positive_int, help="keep at most this many labels per image (after --min-prob)")
+    p.add_argument("--format", dest="fmt", default="jsonl", choices=["jsonl", "csv"],
+                   help="part files: one JSON record per image, or id,label,prob rows")
+    p.add_argument("--maps", action="store_true",
+                   help="store each label's map over the image patch grid in the records (jsonl, PyTorch path)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument("--part-size", type=positive_int, default=1000, help="images per part file")
+    # Decoding costs a few percent of the model's time: half the cores (1 to 4) keep up
+    # without taking many cores from the model.
+    p.add_argument("--workers", type=positive_int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                   help="image decoding processes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (torchrun: each rank its own GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out (else a rerun resumes)")
+    p.add_argument("--log-every", type=positive_float, default=30.0, help="seconds between progress lines when not on a terminal")
+    add_vocab_arguments(p, compat=False)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nxtrec.tagging.job import TagOptions, run_tag
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    summary = run_tag(TagOptions(**options))
+    if summary.counts:  # rank 0
+        print(f"nxtrec tag: {summary.line()}", file=sys.stderr)
+        return 1 if summary.counts["failed"] else 0
+    return 0

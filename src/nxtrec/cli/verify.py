@@ -1,0 +1,63 @@
+"""`nxtrec verify DIR...`: check model, ONNX and checkpoint directories before they are used.
+
+- model directory (`config.json`): every config value, the tokenizer, every tensor's name and
+  shape (read from the safetensors header; a truncated file fails);
+- ONNX export (`nxtrec-onnx.json`): every file's size and SHA-256 against the manifest, and
+  the embedding table;
+- training checkpoint (`ckpt-STEP/`) or run directory (`checkpoints/`): each checkpoint's
+  tensors and state are read.
+
+Exit code 0 when all are good, 1 when one is not (each named on stderr with its reason).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from nxtrec.cli.options import existing_dir
+from nxtrec.errors import NxtrecError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("verify", help="check model, ONNX export and checkpoint directories (sizes, hashes, shapes)")
+    p.add_argument("dirs", nargs="+", type=existing_dir, metavar="DIR", help="directories to check")
+    p.set_defaults(func=run)
+
+
+def verify_dir(path: Path) -> str:
+    """A one-line summary of what was checked, or NxtrecError with what is wrong."""
+    if (path / "nxtrec-onnx.json").is_file():
+        from nxtrec.onnx.integrity import check_hashes, load_embeddings, read_manifest
+
+        manifest = read_manifest(path)
+        n = check_hashes(path, manifest)
+        table = load_embeddings(path / manifest.get("files", {}).get("embeddings", "embeddings.npy"))
+        return f"ONNX export: {n} files match their size and SHA-256, embeddings {table.shape[0]}x{table.shape[1]}"
+    if (path / "config.json").is_file():
+        from nxtrec.model.directory import verify_model_dir
+
+        return f"model directory: {verify_model_dir(path)}"
+    from nxtrec.training.checkpoint import STATE_FILE, checkpoint_dirs, read_checkpoint
+
+    if (path / STATE_FILE).exists():
+        tensors, state = read_checkpoint(path)
+        return f"checkpoint: {len(tensors)} tensors, step {state.get('step', '?')}"
+    ckpts = checkpoint_dirs(path)
+    if ckpts:
+        for _, ckpt in ckpts:
+            read_checkpoint(ckpt)
+        return f"run directory: {len(ckpts)} checkpoints readable (steps {', '.join(str(s) for s, _ in ckpts)})"
+    raise NxtrecError(f"{path}: not a model directory, ONNX export, checkpoint or run directory")
+
+
+def run(args) -> int:
+    bad = 0
+    for name in args.dirs:
+        try:
+            print(f"{name}: ok, {verify_dir(Path(name))}")
+        except NxtrecError as e:
+            bad += 1
+            print(f"nxtrec verify: FAILED {e}", file=sys.stderr)
+        sys.stdout.flush()
+    return 1 if bad else 0

@@ -1,0 +1,212 @@
+"""The FastAPI application of `nxtrec serve`.
+
+    app = create_app(load_engine(), ServeConfig(max_batch=16))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: POST /v1/tag, GET /healthz, /readyz, /metrics, /openapi.json, /docs (an offline
+page reading /openapi.json) and the web page at / with its files under /static/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+
+from nxtrec.serving.batcher import Batcher, Job, QueueFull
+from nxtrec.serving.engine import Engine
+from nxtrec.serving.metrics import Metrics
+from nxtrec.serving.middleware import ApiKey, BodyLimit, RequestMetrics
+from nxtrec.serving.uploads import RequestError, decode, read_uploads
+
+STATIC = Path(__file__).parent / "static"
+MAX_TOP_K = 100
+KNOWN_PATHS = {"/", "/docs", "/openapi.json", "/healthz", "/readyz", "/metrics", "/v1/tag"}
+PUBLIC_PATHS = {"/", "/docs", "/healthz"}  # no data behind them (see middleware.ApiKey)
+OPENAPI_BODY = {  # the body is read by hand (two forms), so it is described here for /docs
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "top_k": {"type": "integer"}, "min_prob": {"type": "number"}, "maps": {"type": "boolean"}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    queue: int = 256  # images waiting for the worker
+    api_key: str | None = None
+    max_upload_mb: float = 20.0  # per request
+    max_images: int = 32  # per request
+    timeout_s: float = 60.0  # per request, from arrival to the last result
+    max_pixels: int | None = None  # None: nxtrec.model.image's budget (as `nxtrec predict`)
+    decode_threads: int = 2  # images decoded at once (bounds the memory of large uploads)
+    default_top_k: int = 20  # as `nxtrec predict`
+
+
+@dataclass
+class TagOptions:
+    top_k: int
+    min_prob: float
+    maps: bool
+
+
+def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    metrics = Metrics()
+    batcher = Batcher(lambda pixels, options: engine.predict_arrays(pixels, *options), config.max_batch,
+                      config.max_wait_ms / 1000, config.queue, metrics.observe_batch)
+    metrics.queue_depth = lambda: batcher.depth
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.decode_limiter = anyio.CapacityLimiter(config.decode_threads)
+        batcher.start()
+        yield
+        # uvicorn has let in-flight requests finish before this point (graceful shutdown)
+        await anyio.to_thread.run_sync(batcher.stop)
+
+    app = FastAPI(title="nxtrec", summary="Open-vocabulary image tagging", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.engine, app.state.batcher, app.state.metrics, app.state.config = engine, batcher, metrics, config
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_routes(app)
+    # The last added is the outermost: metrics see every answer, 401 and 413 included.
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 1024 * 1024))
+    if config.api_key:
+        app.add_middleware(ApiKey, key=config.api_key, public_paths=PUBLIC_PATHS, public_prefixes=("/static/",))
+    app.add_middleware(RequestMetrics, metrics=metrics, known_paths=KNOWN_PATHS)
+    return app
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return FileResponse(STATIC / "docs.html")
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The model is loaded and the inference worker runs")
+    async def readyz(request: Request):
+        if not request.app.state.batcher.alive:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return {"status": "ready", "model": request.app.state.engine.name}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request):
+        return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/tag", summary="Labels for one or more images", openapi_extra={"requestBody": OPENAPI_BODY},
+              responses={413: {"description": "body over the upload limit"}, 415: {"description": "not an image type"},
+                         422: {"description": "undecodable image, over the pixel limit, or a bad option"},
+                         503: {"description": "queue full (see Retry-After)"}, 504: {"description": "timed out"}})
+    async def tag(
+        request: Request,
+        top_k: int | None = Query(None, ge=1, le=MAX_TOP_K, description="labels per image (default 20, as `nxtrec predict`)"),
+        min_prob: float | None = Query(None, ge=0.0, le=1.0, description="drop labels below this probability"),
+        maps: bool | None = Query(None, description="add each label's map over the image patch grid (PyTorch models)"),
+    ):
+        try:
+            return await _tag(request, {"top_k": top_k, "min_prob": min_prob, "maps": maps})
+        except RequestError as e:
+            headers = {"Retry-After": "1"} if e.status == 503 else None
+            return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
+
+
+async def _tag(request: Request, query: dict) -> dict:
+    start = time.perf_counter()
+    state = request.app.state
+    config: ServeConfig = state.config
+    engine: Engine = state.engine
+    uploads, fields = await read_uploads(request, config.max_images)
+    options = _options(query, fields, config, engine)
+    decoded = [
+        await anyio.to_thread.run_sync(decode, upload, engine, config.max_pixels, limiter=state.decode_limiter)
+        for upload in uploads
+    ]
+    try:
+        jobs = state.batcher.submit([d.pixels for d in decoded], (options.top_k, options.maps))
+    except QueueFull:
+        raise RequestError(503, f"queue full ({config.queue} images waiting); retry shortly") from None
+    results = await _wait_results(request, jobs, config.timeout_s - (time.perf_counter() - start))
+    return {
+        "model": engine.name,
+        "results": [
+            {"labels": [lab.to_dict() for lab in labels if lab.prob >= options.min_prob], "width": d.width, "height": d.height}
+            for labels, d in zip(results, decoded)
+        ],
+        "time_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
+
+
+def _options(query: dict, fields: dict[str, str], config: ServeConfig, engine: Engine) -> TagOptions:
+    """Options from the query string, or from multipart form fields (same names and bounds)."""
+    values = dict(query)
+    for name, convert, low, high in (("top_k", int, 1, MAX_TOP_K), ("min_prob", float, 0.0, 1.0), ("maps", _boolean, None, None)):
+        if values.get(name) is not None or name not in fields:
+            continue
+        try:
+            values[name] = convert(fields[name])
+        except ValueError:
+            raise RequestError(422, f"form field {name}: invalid value {fields[name]!r}") from None
+        if low is not None and not low <= values[name] <= high:
+            raise RequestError(422, f"form field {name}: {values[name]} is outside [{low}, {high}]")
+    options = TagOptions(values.get("top_k") or config.default_top_k, values.get("min_prob") or 0.0, bool(values.get("maps")))
+    if options.maps and not engine.supports_maps:
+        raise RequestError(422, "maps=true needs a PyTorch model (serve --model); this service runs ONNX")
+    return options
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError(text)
+    return lowered in ("true", "1", "yes", "on")
+
+
+async def _wait_results(request: Request, jobs: list[Job], timeout: float):
+    """The labels of every job; a client that disconnects or a timeout cancels its jobs."""
+    loop = asyncio.get_running_loop()
+    futures = [asyncio.wrap_future(job.future) for job in jobs]
+    pending = set(futures)
+    deadline = loop.time() + timeout
+    client_gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while pending and not client_gone.done() and loop.time() < deadline:
+            done, _ = await asyncio.wait(pending | {client_gone}, timeout=deadline - loop.time(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            pending -= done
+    finally:
+        gone = client_gone.done()
+        client_gone.cancel()
+    if not pending:
+        return [future.result() for future in futures]
+    request.app.state.batcher.cancel(jobs)
+    if gone:
+        raise RequestError(499, "client closed the request")  # nobody reads this answer
+    raise RequestError(504, f"no result within {request.app.state.config.timeout_s:g} s (server busy); retry later")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: the next message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

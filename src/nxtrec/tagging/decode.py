@@ -1,0 +1,56 @@
+"""Reading, decoding and preprocessing one input (torch-free: the ONNX path uses it too).
+Runs in loader worker processes; a bad input becomes an error message, never an exception."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from nxtrec.model.image import ImageError, ImageInput, load_image, preprocess_array
+from nxtrec.tagging.inputs import TarMember
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+@dataclass
+class Decoded:
+    index: int  # position in the input list
+    pixels: np.ndarray | None  # [3, S, S] float32; None when the image failed
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def _read_member(member: TarMember) -> bytes:
+    with open(member.tar, "rb") as f:
+        f.seek(member.offset)
+        data = f.read(member.size)
+    if len(data) != member.size:
+        raise ImageError(f"{member.tar}: truncated tar member")
+    return data
+
+
+def decode(index: int, name: str, source: ImageInput | TarMember | None, prep: Preprocess) -> Decoded:
+    """Decode and preprocess one image; `name` (its id) names it in error messages."""
+    try:
+        if source is None:
+            raise ImageError("no image in this sample")
+        img = load_image(_read_member(source) if isinstance(source, TarMember) else source)
+        pixels = preprocess_array(img, prep.size, prep.mean, prep.std)
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop a job over millions
+        reason = str(e).removeprefix("<bytes>: ") if isinstance(e, (ImageError, OSError)) else f"{type(e).__name__}: {e}"
+        return Decoded(index, None, error=reason if reason.startswith(name) else f"{name}: {reason}")
+    return Decoded(index, pixels, img.width, img.height)
+
+
+def image_name(source, index: int) -> str:
+    """An image's id in results: its path, or its position for bytes and PIL images."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else str(index)

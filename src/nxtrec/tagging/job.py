@@ -1,0 +1,210 @@
+"""`nxtrec tag` as a job: inputs cut into parts, the parts of this rank that are not done yet
+decoded in worker processes and labelled batch by batch, each part written when complete,
+then (rank 0) the merged manifest. Under torchrun, rank r takes parts r, r + world, ..."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from nxtrec.errors import NxtrecError
+from nxtrec.tagging.decode import Preprocess
+from nxtrec.tagging.inputs import InputItem, collect_inputs, inputs_digest
+from nxtrec.tagging.output import TagOutput
+from nxtrec.tagging.pipeline import batch_ranges, tag_batches
+from nxtrec.tagging.prefetch import Batch, BatchDecoder, pool_batches
+from nxtrec.tagging.progress import Progress
+
+
+@dataclass
+class TagOptions:
+    out: str
+    inputs: list[str] = field(default_factory=list)
+    list_file: str | None = None
+    shards: list[str] = field(default_factory=list)
+    model: str | None = None
+    onnx: str | None = None
+    top_k: int = 10
+    extra_k: int = 0
+    min_prob: float = 0.0
+    max_labels: int | None = None
+    fmt: str = "jsonl"
+    batch_size: int = 32
+    part_size: int = 1000
+    workers: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    overwrite: bool = False
+    log_every: float = 30.0
+    maps: bool = False  # each label's grounding map in the records (nxtrec.inference.attention)
+    vocab: str | None = None  # a tag list to decode into (nxtrec.inference.vocab)
+    map_to: str | None = None  # a tag list to map free labels to (nxtrec.inference.mapping)
+    map_threshold: float = 0.5
+
+    def decode_options(self) -> dict:
+        """The tag-list arguments of `predict_batch`, those given."""
+        if self.vocab and self.map_to:
+            raise NxtrecError("give either --vocab (constrained decoding) or --map-to (map free labels), not both")
+        out = {"vocab": self.vocab} if self.vocab else {}
+        if self.map_to:
+            out.update(map_to=self.map_to, map_threshold=self.map_threshold)
+        return out
+
+    def validate(self) -> None:
+        for name in ("top_k", "batch_size", "part_size"):
+            if getattr(self, name) < 1:
+                raise NxtrecError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_labels is not None and self.max_labels < 1:
+            raise NxtrecError("--max-labels must be at least 1")
+        if self.workers < 0 or self.extra_k < 0:
+            raise NxtrecError("--workers and --extra-k cannot be negative")
+        if self.model and self.onnx:
+            raise NxtrecError("give either --model or --onnx, not both")
+        if self.maps and (self.onnx or self.fmt != "jsonl"):
+            raise NxtrecError("--maps needs the PyTorch path (--model, not --onnx) and --format jsonl")
+
+    def settings(self, items: list[InputItem]) -> dict:
+        """Everything the records depend on: a folder is resumed only with the same settings.
+        Batch size, workers and device change speed, not results, so they may change."""
+        if self.onnx:
+            model = f"onnx:{os.path.abspath(self.onnx)}"
+        else:
+            model = os.path.abspath(self.model) if self.model else "bundled default model"
+        options = {"top_k": self.top_k, "extra_k": self.extra_k, "min_prob": self.min_prob, "max_labels": self.max_labels,
+                   "format": self.fmt, "part_size": self.part_size, "dtype": self.dtype, "maps": self.maps}  # fmt: skip
+        options.update(self.decode_options())
+        return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
+
+
+@dataclass
+class Ranks:
+    """This process's place among torchrun's processes (one process by default)."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable = lambda obj: [obj]
+    barrier: Callable = lambda: None
+    close: Callable = lambda: None
+
+
+@dataclass
+class Engine:
+    predict: Callable  # pixels [B, 3, S, S] -> ranked labels per image
+    prep: Preprocess
+    batches: Callable[[BatchDecoder, int], Iterator[Batch]]
+    as_tensor: bool
+    name: str
+
+
+@dataclass
+class TagSummary:
+    counts: dict
+    new_images: int
+    seconds: float
+    out: Path
+
+    def line(self) -> str:
+        c = self.counts
+        rate = self.new_images / max(self.seconds, 1e-9)
+        state = "" if c["parts_done"] == c["parts"] else f", {c['parts'] - c['parts_done']} parts left"
+        return (f"{c['images']} images ({c['tagged']} tagged, {c['failed']} failed{state}) in {self.out}; "
+                f"this run: {self.new_images} images in {self.seconds:.1f} s, {rate:.1f} images/s")  # fmt: skip
+
+
+def _torch_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
+    from nxtrec.inference.recognizer import Recognizer
+    from nxtrec.tagging.prefetch import torch_batches
+
+    ranks, device = Ranks(), opts.device
+    if "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+
+        from nxtrec.training.distributed import (
+            barrier,
+            gather_objects,
+            setup_distributed,
+        )
+
+        info = setup_distributed("cuda" if opts.device.startswith("cuda") else "cpu")
+        device = str(info.device)
+        close = dist.destroy_process_group if info.initialised_here else (lambda: None)
+        ranks = Ranks(info.rank, info.world, lambda obj: gather_objects(obj, info), lambda: barrier(info), close)
+    rec = Recognizer.from_pretrained(opts.model, device=device, dtype=opts.dtype)
+    cfg = rec.config
+
+    def predict(pixels):
+        return rec.predict_batch(pixels, top_k=opts.top_k, extra_k=opts.extra_k, maps=opts.maps, **opts.decode_options())
+
+    prep = Preprocess(cfg.encoder.image_size, cfg.image_mean, cfg.image_std)
+    return Engine(predict, prep, torch_batches, True, f"pytorch {device} {opts.dtype}"), ranks
+
+
+def _onnx_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
+    from nxtrec.onnx.runtime import OnnxRecognizer
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NxtrecError("--onnx runs in one process; use the PyTorch path (--model) under torchrun")
+    rec = OnnxRecognizer(opts.onnx)
+
+    def predict(pixels):
+        return rec.predict_batch(pixels, top_k=opts.top_k, extra_k=opts.extra_k, **opts.decode_options())
+
+    prep = Preprocess(rec.image_size, rec.config.image_mean, rec.config.image_std)
+    return Engine(predict, prep, pool_batches, False, "onnxruntime cpu"), Ranks()
+
+
+def _tag_parts(engine: Engine, items: list[InputItem], parts: list[int], opts: TagOptions,
+               output: TagOutput, progress: Progress) -> None:  # fmt: skip
+    """Label the given parts in order and write each one as soon as it is complete."""
+    n, size = len(items), opts.part_size
+    plan = [r for p in parts for r in batch_ranges(p * size, min((p + 1) * size, n), opts.batch_size)]
+    if not plan:
+        return
+    batches = engine.batches(BatchDecoder(items, plan, engine.prep, engine.as_tensor), opts.workers)
+    results = tag_batches(engine.predict, items, batches, opts.min_prob, opts.max_labels)
+    for p in parts:
+        part = []
+        for result in islice(results, min((p + 1) * size, n) - p * size):
+            part.append(result)
+            progress.update(1, result.error is not None)
+        output.write_part(p, part)
+
+
+def run_tag(opts: TagOptions) -> TagSummary:
+    opts.validate()
+    items = collect_inputs(opts.inputs, opts.list_file, opts.shards)
+    if not items:
+        raise NxtrecError("no images found in the given inputs")
+    output = TagOutput(opts.out, opts.fmt)
+    settings = opts.settings(items)
+    output.check(settings, opts.overwrite)
+    engine, ranks = _onnx_engine(opts) if opts.onnx else _torch_engine(opts)
+    try:
+        if ranks.rank == 0:
+            output.prepare(settings, opts.overwrite)
+        ranks.barrier()
+        num_parts = -(-len(items) // opts.part_size)
+        done = output.done_parts()
+        mine = [p for p in range(ranks.rank, num_parts, ranks.world) if p not in done]
+        initial = sum(min((p + 1) * opts.part_size, len(items)) - p * opts.part_size for p in done if p < num_parts)
+        progress = Progress(len(items), initial, enabled=ranks.rank == 0, log_every=opts.log_every)
+        start = time.monotonic()
+        try:
+            _tag_parts(engine, items, mine, opts, output, progress)
+        finally:
+            progress.close()
+        stats = ranks.gather((progress.new, time.monotonic() - start))
+        ranks.barrier()
+        new_images, seconds = sum(s[0] for s in stats), max(s[1] for s in stats)
+        counts = {}
+        if ranks.rank == 0:
+            this_run = {"images": new_images, "seconds": round(seconds, 3), "images_per_s": round(new_images / max(seconds, 1e-9), 2)}
+            extra = {"engine": engine.name, "world_size": ranks.world, "batch_size": opts.batch_size, "this_run": this_run}
+            counts = output.finish(settings, num_parts, extra)
+        return TagSummary(counts, new_images, seconds, output.folder)
+    finally:
+        ranks.close()

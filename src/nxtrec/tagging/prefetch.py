@@ -1,0 +1,96 @@
+"""Batches of decoded images, prepared in worker processes while the model runs.
+
+A plan is a list of index ranges (one batch each) into the input list. `BatchDecoder[b]`
+decodes batch b; the PyTorch path runs it in a torch DataLoader (tensors travel through
+shared memory), the ONNX path in a multiprocessing pool (no torch import). Both keep only a
+few batches in flight, so memory does not grow with the number of images."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nxtrec.tagging.decode import Decoded, Preprocess, decode
+from nxtrec.tagging.inputs import InputItem
+
+
+@dataclass
+class Batch:
+    items: list[Decoded]  # every input of the batch in order, pixels dropped
+    pixels: Any | None  # the decoded images stacked [n, 3, S, S]; None when all failed
+
+
+class BatchDecoder:
+    """Map-style dataset of whole batches (a DataLoader accepts any `__getitem__`/`__len__`)."""
+
+    def __init__(self, items: Sequence[InputItem], plan: Sequence[range], prep: Preprocess, as_tensor: bool):
+        self.items, self.plan, self.prep, self.as_tensor = items, plan, prep, as_tensor
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> Batch:
+        decoded = [decode(i, self.items[i].id, self.items[i].source, self.prep) for i in self.plan[b]]
+        good = [d.pixels for d in decoded if d.pixels is not None]
+        for d in decoded:
+            d.pixels = None
+        pixels = np.stack(good) if good else None
+        if pixels is not None and self.as_tensor:
+            import torch
+
+            pixels = torch.from_numpy(pixels)
+        return Batch(decoded, pixels)
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def _lower_priority(_worker_id: int = 0) -> None:
+    """Decoding yields the cores to the model's threads, which stall whenever one of them is
+    descheduled; when the model waits for a batch, the workers get the cores anyway."""
+    os.nice(10)
+
+
+def torch_batches(decoder: BatchDecoder, workers: int) -> Iterator[Batch]:
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        decoder, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_whole_batch,
+        prefetch_factor=2 if workers else None, worker_init_fn=_lower_priority,
+    )  # fmt: skip
+    yield from loader
+
+
+_POOL_DECODER: BatchDecoder | None = None
+
+
+def _init_pool_worker(decoder: BatchDecoder) -> None:
+    global _POOL_DECODER
+    _lower_priority()
+    _POOL_DECODER = decoder
+
+
+def _decode_in_pool(b: int) -> Batch:
+    return _POOL_DECODER[b]
+
+
+def pool_batches(decoder: BatchDecoder, workers: int) -> Iterator[Batch]:
+    """In order, with at most 2 batches per worker in flight (Pool.imap would queue them all)."""
+    if workers == 0:
+        yield from (decoder[b] for b in range(len(decoder)))
+        return
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(decoder,)) as pool:
+        pending: deque = deque()
+        for b in range(len(decoder)):
+            pending.append(pool.apply_async(_decode_in_pool, (b,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()

@@ -1,0 +1,442 @@
+"""`nxtrec serve`: the app through httpx (ASGI, in process), a real `nxtrec serve` process on
+a loopback port (SIGTERM with a request in flight), and the web page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from nxtrec.serving.app import ServeConfig, create_app
+from nxtrec.serving.batcher import Batcher, QueueFull
+from nxtrec.serving.engine import Engine, load_engine
+
+SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
+NXTREC = [sys.executable, "-m", "nxtrec"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine()  # the bundled demo model: real labels ("snake" first on the scene)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """Four different real images: the scene and three transformed copies, as JPEG bytes."""
+    base = Image.open(SCENE).convert("RGB")
+    out = [SCENE.read_bytes()]
+    for img in (base.transpose(Image.FLIP_LEFT_RIGHT), base.rotate(90), base.resize((300, 200))):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@asynccontextmanager
+async def serving(app):
+    """An httpx client on the app, with its startup/shutdown (the inference worker) run."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            yield client
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def expected_labels(engine: Engine, data: bytes, top_k: int):
+    """What `nxtrec predict` computes for the image: Recognizer.predict_batch on it alone."""
+    from nxtrec.model.image import load_image
+
+    pixels = engine.preprocess(load_image(data))[None]
+    return [lab.to_dict() for lab in engine.predict_arrays(pixels, top_k, False)[0]]
+
+
+def assert_same_labels(got, want):
+    assert [x["label"] for x in got] == [x["label"] for x in want]
+    np.testing.assert_allclose([x["prob"] for x in got], [x["prob"] for x in want], rtol=1e-5, atol=1e-7)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels (a decompression-bomb shape)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + zlib.compress(b"\0" * 64)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat)))
+
+
+# ---------------------------------------------------------------------------------------
+# in process (httpx + ASGI)
+# ---------------------------------------------------------------------------------------
+
+
+def test_endpoints_and_results_equal_predict(engine, scenes):
+    async def main():
+        async with serving(create_app(engine)) as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            assert (await client.get("/readyz")).json() == {"status": "ready", "model": "default-model"}
+            r = await client.post("/v1/tag?top_k=5", files={"files": ("scene.jpg", scenes[0], "image/jpeg")})
+            assert r.status_code == 200
+            body = r.json()
+            assert body["model"] == "default-model" and body["time_ms"] > 0
+            [result] = body["results"]
+            assert (result["width"], result["height"]) == (256, 256)
+            assert result["labels"][0]["label"] == "snake"
+            assert_same_labels(result["labels"], expected_labels(engine, scenes[0], 5))
+            # a raw body, options as form fields, several files in one request, min_prob
+            raw = await client.post("/v1/tag?top_k=5", content=scenes[1], headers={"Content-Type": "image/jpeg"})
+            assert_same_labels(raw.json()["results"][0]["labels"], expected_labels(engine, scenes[1], 5))
+            multi = await client.post("/v1/tag", data={"top_k": "3", "min_prob": "0.05"},
+                                      files=[("files", ("a.jpg", scenes[0])), ("files", ("b.jpg", scenes[2]))])
+            results = multi.json()["results"]
+            assert len(results) == 2 and (results[1]["width"], results[1]["height"]) == (256, 256)
+            for result, data in zip(results, (scenes[0], scenes[2])):
+                want = [x for x in expected_labels(engine, data, 3) if x["prob"] >= 0.05]
+                assert_same_labels(result["labels"], want)
+            metrics = (await client.get("/metrics")).text
+            assert 'nxtrec_requests_total{path="/v1/tag",code="200"} 3' in metrics
+            assert "nxtrec_request_seconds_count 3" in metrics and "nxtrec_queue_depth 0" in metrics
+            assert "/v1/tag" in (await client.get("/openapi.json")).json()["paths"]
+            for path, marker in (("/", "app.js"), ("/docs", "docs.js"), ("/static/app.js", "/v1/tag")):
+                page = await client.get(path)
+                assert page.status_code == 200 and marker in page.text
+                assert not re.search(r"(src=|href=|url\(|import )[\"']?(https?:)?//", page.text)  # no CDN
+
+    run(main())
+
+
+def test_same_labels_and_probabilities_as_predict_command(engine, capsys):
+    from nxtrec.cli.main import main as nxtrec_main
+
+    assert nxtrec_main(["predict", str(SCENE), "--top-k", "10", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["labels"]
+
+    async def main():
+        async with serving(create_app(engine)) as client:
+            r = await client.post("/v1/tag?top_k=10", files={"files": ("scene.jpg", SCENE.read_bytes(), "image/jpeg")})
+            assert r.json()["results"][0]["labels"] == want  # one image per call in both: identical floats
+
+    run(main())
+
+
+def test_maps_option_adds_each_labels_grid(engine, scenes):
+    async def main():
+        async with serving(create_app(engine)) as client:
+            plain = (await client.post("/v1/tag?top_k=5", content=scenes[0])).json()["results"][0]["labels"]
+            mapped = (await client.post("/v1/tag?top_k=5&maps=true", content=scenes[0])).json()["results"][0]["labels"]
+        assert_same_labels(mapped, plain)
+        assert all("map" not in x for x in plain)
+        for label in mapped:  # 112 px images, 16 px patches: a 7 x 7 grid that sums to 1
+            grid = np.array(label["map"])
+            assert grid.shape == (7, 7) and abs(grid.sum() - 1) < 1e-4
+
+    run(main())
+
+
+def test_concurrent_requests_run_as_one_batch(engine, scenes):
+    # A long wait lets the four requests meet; each must still get its own image's labels.
+    app = create_app(engine, ServeConfig(max_batch=4, max_wait_ms=1000))
+
+    async def main():
+        async with serving(app) as client:
+            tasks = [client.post("/v1/tag?top_k=5", content=data, headers={"Content-Type": "image/jpeg"}) for data in scenes]
+            answers = await asyncio.gather(*tasks)
+            metrics = (await client.get("/metrics")).text
+        assert "nxtrec_batch_size_count 1" in metrics and "nxtrec_batch_size_sum 4" in metrics
+        for answer, data in zip(answers, scenes):
+            assert_same_labels(answer.json()["results"][0]["labels"], expected_labels(engine, data, 5))
+        assert answers[0].json()["results"][0]["labels"] != answers[2].json()["results"][0]["labels"]
+
+    run(main())
+
+
+def test_bad_input_is_4xx_never_500(engine, scenes):
+    app = create_app(engine, ServeConfig(max_upload_mb=0.1, max_images=2))
+    big = b"\xff" * 200_000
+    cases = {
+        "truncated": (scenes[0][:2000], "image/jpeg", 422),
+        "garbage": (b"not an image at all" * 10, "application/octet-stream", 422),
+        "wrong type": (b"hello", "text/plain", 415),
+        "bomb header": (png_header_only(30_000, 30_000), "image/png", 422),
+        "zero size": (png_header_only(0, 10), "image/png", 422),
+        "empty": (b"", "image/jpeg", 422),
+        "too big": (big, "image/jpeg", 413),
+    }
+
+    async def main():
+        async with serving(app) as client:
+            for name, (data, ctype, status) in cases.items():
+                raw = await client.post("/v1/tag", content=data, headers={"Content-Type": ctype})
+                part = await client.post("/v1/tag", files={"files": ("x", data, ctype)})
+                assert (name, raw.status_code, part.status_code) == (name, status, status), raw.text
+                assert isinstance(raw.json()["detail"], str)
+            bomb = await client.post("/v1/tag", files={"files": ("bomb.png", png_header_only(30_000, 30_000), "image/png")})
+            assert "bomb.png: image too large" in bomb.json()["detail"]
+
+            async def chunks():  # no Content-Length: the limit applies while streaming
+                for _ in range(10):
+                    yield b"\xff" * 20_000
+
+            assert (await client.post("/v1/tag", content=chunks(), headers={"Content-Type": "image/jpeg"})).status_code == 413
+            three = [("files", (f"{i}.jpg", scenes[0][:30_000] if i else b"x")) for i in range(3)]
+            assert (await client.post("/v1/tag", files=three)).status_code in (400, 413)
+            for query in ("top_k=0", "top_k=101", "top_k=ten", "min_prob=2", "maps=maybe"):
+                assert (await client.post(f"/v1/tag?{query}", content=scenes[0])).status_code == 422, query
+            form = await client.post("/v1/tag", data={"top_k": "zero"}, files={"files": ("a.jpg", scenes[0])})
+            assert form.status_code == 422 and "top_k" in form.json()["detail"]
+            assert (await client.post("/v1/tag", data={"top_k": "3"})).status_code in (400, 422)  # no file
+            metrics = (await client.get("/metrics")).text
+        assert 'code="500"' not in metrics
+
+    run(main())
+
+
+def test_api_key(engine, scenes):
+    app = create_app(engine, ServeConfig(api_key="s3cret"))
+
+    async def main():
+        async with serving(app) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            for path in ("/", "/docs", "/static/app.js"):  # the page's files: no data behind them
+                assert (await client.get(path)).status_code == 200
+            for method, path in (("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("POST", "/v1/tag")):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                    r = await client.request(method, path, headers=headers)
+                    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", (path, headers)
+            ok = await client.post("/v1/tag", content=scenes[0], headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200 and ok.json()["results"][0]["labels"][0]["label"] == "snake"
+
+    run(main())
+
+
+def blocking_engine(release: threading.Event) -> Engine:
+    """A stand-in model whose calls wait for `release`: holds the worker busy on purpose."""
+
+    def predict(pixels, top_k, maps):
+        release.wait(30)
+        return [[] for _ in pixels]
+
+    return Engine("blocking", 32, (0.5,) * 3, (0.5,) * 3, predict)
+
+
+def test_queue_full_is_503_and_timeout_is_504(scenes):
+    release = threading.Event()
+    app = create_app(blocking_engine(release), ServeConfig(max_batch=1, max_wait_ms=0, queue=1, timeout_s=5))
+
+    async def main():
+        async with serving(app) as client:
+            def post():
+                return client.post("/v1/tag", content=scenes[0], headers={"Content-Type": "image/jpeg"})
+
+            running = asyncio.ensure_future(post())  # taken by the worker, which blocks
+            while "nxtrec_batch_size_count 1" not in (await client.get("/metrics")).text:
+                await asyncio.sleep(0.01)
+            queued = asyncio.ensure_future(post())  # fills the one queue slot
+            while "nxtrec_queue_depth 1" not in (await client.get("/metrics")).text:
+                await asyncio.sleep(0.01)
+            full = await post()
+            assert full.status_code == 503 and full.headers["Retry-After"] == "1"
+            release.set()
+            assert [(await t).status_code for t in (running, queued)] == [200, 200]
+
+    run(main())
+    stuck = threading.Event()
+    slow = create_app(blocking_engine(stuck), ServeConfig(timeout_s=0.3))
+
+    async def timeout():
+        async with serving(slow) as client:
+            r = await client.post("/v1/tag", content=scenes[0])
+            assert r.status_code == 504 and "no result within" in r.json()["detail"]
+            stuck.set()  # let the worker finish, so that shutdown does not wait
+
+    run(timeout())
+
+
+def test_client_that_disconnects_frees_its_queue_slot(scenes):
+    import uvicorn
+
+    release = threading.Event()
+    app = create_app(blocking_engine(release), ServeConfig(max_batch=1, max_wait_ms=0, queue=4))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def queue_depth(expected):
+        for _ in range(200):
+            text = httpx.get(url + "/metrics").text
+            if f"nxtrec_queue_depth {expected}" in text:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def send(conn):
+        conn.sendall(f"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     f"Content-Length: {len(scenes[0])}\r\n\r\n".encode() + scenes[0])
+
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port)) as first:
+            send(first)  # taken by the worker, which blocks
+            assert queue_depth(0) and "nxtrec_batch_size_count 1" in httpx.get(url + "/metrics").text
+            second = socket.create_connection(("127.0.0.1", port))
+            send(second)
+            assert queue_depth(1)
+            second.close()  # the client goes away: its image leaves the queue
+            assert queue_depth(0)
+            release.set()
+            assert first.recv(100).startswith(b"HTTP/1.1 200")
+        assert 'code="499"' in httpx.get(url + "/metrics").text
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_cancelled_jobs_free_their_queue_slots():
+    release = threading.Event()
+    batcher = Batcher(lambda pixels, options: release.wait(30) and [None] * len(pixels), max_batch=1, max_wait=0, queue_size=2)
+    batcher.start()
+    image = np.zeros((3, 4, 4), np.float32)
+    running = batcher.submit([image], 1)
+    while batcher.depth:  # the worker holds the first job
+        time.sleep(0.01)
+    waiting = batcher.submit([image, image], 1)
+    with pytest.raises(QueueFull):
+        batcher.submit([image], 1)
+    batcher.cancel(waiting)  # what the app does when the client disconnects
+    assert batcher.depth == 0 and all(job.future.cancelled() for job in waiting)
+    again = batcher.submit([image, image], 1)
+    release.set()
+    assert [job.future.result(10) for job in running + again] == [None] * 3
+    batcher.stop(10)
+    assert not batcher.alive
+
+
+# ---------------------------------------------------------------------------------------
+# a real `nxtrec serve` process
+# ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([*NXTREC, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"nxtrec serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("nxtrec serve did not become ready in 60 s")
+
+
+@pytest.mark.slow
+def test_real_server_finishes_in_flight_request_on_sigterm(engine):
+    proc, url = start_server("--max-wait-ms", "5")
+    try:
+        answer = httpx.post(url + "/v1/tag?top_k=10", files={"files": ("scene.jpg", SCENE.read_bytes())}, timeout=60)
+        assert_same_labels(answer.json()["results"][0]["labels"], expected_labels(engine, SCENE.read_bytes(), 10))
+        # A request in flight: headers and half the body sent, then SIGTERM, then the rest.
+        body = SCENE.read_bytes()
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+            conn.sendall(f"POST /v1/tag?top_k=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # waiting for the request
+            conn.sendall(body[len(body) // 2 :])
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+        head, _, payload = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(payload)["results"][0]["labels"][0]["label"] == "snake"
+        # uvicorn ends by re-raising the signal after its graceful shutdown
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# the web page in a real browser
+# ---------------------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def chrome(tmp_path):
+    """Headless Debian Chromium through its own chromedriver (nothing downloaded)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+                    reason=f"no browser: install Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})")
+def test_page_in_headless_chromium_shows_top_label(tmp_path):
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install 'nxtrec[dev]')")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    proc, url = start_server()
+    driver = chrome(tmp_path)
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 20).until(lambda d: "default-model" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "files").send_keys(str(SCENE))
+        first = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .label .name"))
+        assert first[0].text == "snake"
+        rows = driver.find_elements(By.CSS_SELECTOR, ".result .label")
+        assert len(rows) == 10  # the page's default top-k
+        widths = [float(r.find_element(By.CSS_SELECTOR, ".bar span").get_attribute("style").split(":")[1].strip(" %;"))
+                  for r in rows]
+        assert widths == sorted(widths, reverse=True) and 55 < widths[0] < 70
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(30)
+

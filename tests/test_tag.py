@@ -1,0 +1,221 @@
+"""`nxtrec tag`: records equal `nxtrec predict`, bad inputs in errors.jsonl, selection, CSV,
+shards, option changes refused, resume after SIGKILL, torchrun. Tiny random model, real
+image files, real processes."""
+
+import csv
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datagen
+import pytest
+import torch
+
+from nxtrec.cli.main import main
+from nxtrec.inference.recognizer import Recognizer
+
+VENV_BIN = Path(sys.executable).parent
+# One compute thread: the tiny model's small kernels gain nothing from more, and on a busy
+# machine waiting for a second thread makes them many times slower.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _collection(folder: Path, n: int = 9) -> Path:
+    """n real images of varied sizes and formats (one in a subfolder), one corrupt JPEG."""
+    for i in range(n):
+        sub = folder / "sub" if i == n - 1 else folder
+        datagen.write_image(sub / f"img{i:02d}.{'png' if i % 3 == 0 else 'jpg'}", i, size=(40 + 3 * i, 30 + 5 * i),
+                            fmt="PNG" if i % 3 == 0 else "JPEG")  # fmt: skip
+    datagen.corrupt_jpeg(folder / "img99-corrupt.jpg")
+    return folder
+
+
+def _tag(model_dir, out, *args) -> int:
+    return main(["tag", *map(str, args), "--out", str(out), "--model", str(model_dir), "--workers", "1"])
+
+
+def _records(out: Path) -> list[dict]:
+    """All records in part order; every id at most once."""
+    recs = [json.loads(line) for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    assert len({r["id"] for r in recs}) == len(recs)
+    return recs
+
+
+def _errors(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+
+
+def _assert_same_labels(got: list[dict], want: list[dict]) -> None:
+    """Same labels in the same order; probabilities equal up to float batching effects."""
+    assert [x["label"] for x in got] == [x["label"] for x in want]
+    assert [x["prob"] for x in got] == pytest.approx([x["prob"] for x in want], rel=1e-5)
+
+
+def test_records_equal_predict_and_bad_inputs_go_to_errors(tiny_model_dir, tmp_path, capsys):
+    images = _collection(tmp_path / "imgs")
+    listing = tmp_path / "list.txt"
+    extra = datagen.write_image(tmp_path / "extra.jpg", 50)
+    listing.write_text(f"{extra}\n{tmp_path / 'missing.jpg'}\n")
+    out = tmp_path / "out"
+    code = _tag(tiny_model_dir, out, images, "--list", listing, "--top-k", "4", "--batch-size", "3", "--part-size", "4")
+    assert code == 1  # some images failed
+    assert "12 images (10 tagged, 2 failed)" in capsys.readouterr().err
+    recs = _records(out)
+    files = sorted(str(p) for p in images.rglob("img0*"))
+    assert [r["id"] for r in recs] == files + [str(extra)]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+    assert {e["id"] for e in _errors(out)} == {str(images / "img99-corrupt.jpg"), str(tmp_path / "missing.jpg")}
+    assert all(e["reason"].startswith(e["id"]) for e in _errors(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["failed"] == 2
+    assert manifest["settings"]["options"]["top_k"] == 4 and manifest["this_run"]["images"] == 12
+    assert (recs[0]["width"], recs[0]["height"]) == (40, 30)
+    # labels and probabilities equal `nxtrec predict` for the same images and options
+    assert main(["predict", *files, str(extra), "--model", str(tiny_model_dir), "--top-k", "4", "--json"]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for rec, pred in zip(recs, predicted):
+        assert rec["id"] == pred["image"]
+        _assert_same_labels(rec["labels"], pred["labels"])
+
+
+def test_min_prob_max_labels_and_csv(tiny_model_dir, tmp_path):
+    images = _collection(tmp_path / "imgs", n=4)
+    assert _tag(tiny_model_dir, tmp_path / "all", images, "--top-k", "5") == 1
+    full = _records(tmp_path / "all")
+    probs = sorted(lab["prob"] for r in full for lab in r["labels"])
+    threshold = probs[len(probs) // 2]
+    args = ["--top-k", "5", "--min-prob", repr(threshold), "--max-labels", "2"]
+    assert _tag(tiny_model_dir, tmp_path / "cut", images, *args) == 1
+    cut = _records(tmp_path / "cut")
+    for a, b in zip(full, cut):
+        assert b["labels"] == [lab for lab in a["labels"] if lab["prob"] >= threshold][:2]
+    assert any(len(r["labels"]) < 2 for r in cut) and any(len(r["labels"]) == 2 for r in cut)
+    assert _tag(tiny_model_dir, tmp_path / "csv", images, *args, "--format", "csv") == 1
+    with open(tmp_path / "csv" / "part-00000.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "label", "prob"]
+    assert rows[1:] == [[r["id"], lab["label"], repr(lab["prob"])] for r in cut for lab in r["labels"]]
+
+
+def test_shards_input_uses_sample_keys(tiny_model_dir, tmp_path):
+    keys = datagen.write_img2dataset_shard(tmp_path / "shards" / "00000.tar", 0, 3)
+    keys += datagen.write_img2dataset_shard(tmp_path / "shards" / "00001.tar", 3, 2)
+    for i, key in enumerate(keys):  # the same images as files
+        (tmp_path / "files").mkdir(exist_ok=True)
+        (tmp_path / "files" / f"{key}.jpg").write_bytes(datagen.image_bytes(i))
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "shards" / "00002.tar"), encoder=False) as w:
+        w.write({"__key__": "caption-only", "txt": b"a sample without an image"})
+    pattern = str(tmp_path / "shards" / "{00000..00002}.tar")
+    assert _tag(tiny_model_dir, tmp_path / "out", "--shards", pattern, "--top-k", "3", "--batch-size", "5") == 1
+    recs = _records(tmp_path / "out")
+    assert [r["id"] for r in recs] == keys
+    assert _errors(tmp_path / "out") == [{"id": "caption-only", "reason": "caption-only: no image in this sample"}]
+    assert _tag(tiny_model_dir, tmp_path / "ref", tmp_path / "files", "--top-k", "3", "--batch-size", "5") == 0
+    for rec, ref in zip(recs, _records(tmp_path / "ref")):
+        assert (rec["width"], rec["height"]) == (ref["width"], ref["height"]) == (48, 36)
+        assert rec["labels"] == ref["labels"]
+
+
+def test_list_from_stdin_and_globs(tiny_model_dir, tmp_path, monkeypatch):
+    images = _collection(tmp_path / "imgs", n=4)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{images / 'img01.jpg'}\n\n{images / 'img02.jpg'}\n"))
+    assert _tag(tiny_model_dir, tmp_path / "out", str(images / "*.png"), "--list", "-", "--top-k", "2") == 0
+    assert [r["id"] for r in _records(tmp_path / "out")] == [str(images / n) for n in ("img00.png", "img01.jpg", "img02.jpg")]
+
+
+def test_other_options_are_refused_unless_overwrite_and_a_rerun_resumes(tiny_model_dir, tmp_path, capsys):
+    images = _collection(tmp_path / "imgs", n=3)
+    out = tmp_path / "out"
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3") == 1
+    first = _records(out)
+    capsys.readouterr()
+    assert _tag(tiny_model_dir, out, images, "--top-k", "4") == 2
+    err = capsys.readouterr().err
+    assert "options.top_k 3 -> 4" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--batch-size", "2") == 1  # speed options may change
+    assert "this run: 0 images" in capsys.readouterr().err
+    assert _records(out) == first
+    assert _tag(tiny_model_dir, out, images, "--top-k", "4", "--overwrite") == 1
+    assert all(len(r["labels"]) <= 4 for r in _records(out)) and len(_records(out)) == 3
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert _tag(tiny_model_dir, tmp_path / "other", images) == 2
+    assert "not an nxtrec tag folder" in capsys.readouterr().err
+
+
+def test_python_api_yields_results_in_order(tiny_model_dir, tmp_path):
+    images = _collection(tmp_path / "imgs", n=4)
+    paths = [str(p) for p in sorted(images.glob("*.*"))]
+    rec = Recognizer.from_pretrained(tiny_model_dir)
+    results = list(rec.tag(iter(paths), top_k=3, batch_size=2, num_workers=1))
+    assert [r.id for r in results] == paths
+    assert results[-1].labels is None and "img99-corrupt.jpg" in results[-1].error
+    expected = rec.predict(paths[:-1], top_k=3, batch_size=2)
+    for r, labels in zip(results, expected):
+        _assert_same_labels([lab.to_dict() for lab in r.labels], [lab.to_dict() for lab in labels])
+
+
+def _cli(*args) -> list[str]:
+    return [str(VENV_BIN / "nxtrec"), "tag", *map(str, args)]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    images = _collection(tmp_path / "imgs", n=40)
+    args = [images, "--model", tiny_model_dir, "--top-k", "3", "--batch-size", "2", "--part-size", "3", "--workers", "1"]
+    assert main(["tag", *map(str, args), "--out", str(tmp_path / "ref")]) == 1
+    num_parts = len(list((tmp_path / "ref").glob("part-*")))
+    out = tmp_path / "out"
+    rng = random.Random(0)
+    killed_midway = 0
+    for _ in range(2):
+        before = len(list(out.glob("part-*"))) if out.exists() else 0
+        proc = subprocess.Popen(_cli(*args, "--out", out), stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and len(list(out.glob("part-*"))) <= before and time.monotonic() < deadline:
+            time.sleep(0.02)  # wait for this run's first part, then kill at a random moment
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_midway += len(list(out.glob("part-*"))) < num_parts
+    assert killed_midway >= 1
+    assert subprocess.run(_cli(*args, "--out", out), check=False, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV).returncode == 1
+    assert _records(out) == _records(tmp_path / "ref")
+    assert _errors(out) == _errors(tmp_path / "ref")
+    assert json.loads((out / "manifest.json").read_text())["counts"] == json.loads(
+        (tmp_path / "ref" / "manifest.json").read_text())["counts"]  # fmt: skip
+    assert not list(out.glob("*.tmp")) and not list((out / ".tag").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_records_of_one(tiny_model_dir, tmp_path):
+    images = _collection(tmp_path / "imgs", n=7)
+    args = [images, "--model", tiny_model_dir, "--top-k", "3", "--batch-size", "2", "--part-size", "2", "--workers", "1"]
+    assert main(["tag", *map(str, args), "--out", str(tmp_path / "one")]) == 1
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "nxtrec.cli.main", "tag",
+           *map(str, args), "--out", str(tmp_path / "two")]  # fmt: skip
+    subprocess.run(cmd, check=False, capture_output=True, timeout=300, env=ONE_THREAD_ENV)  # exit code 1: the corrupt image
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["id"] for r in two] == [r["id"] for r in one]
+    for a, b in zip(one, two):
+        _assert_same_labels(b["labels"], a["labels"])
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "complete"
+    assert manifest["counts"] == json.loads((tmp_path / "one" / "manifest.json").read_text())["counts"]
+    assert _errors(tmp_path / "two") == _errors(tmp_path / "one")

@@ -3,14 +3,25 @@ architecture, saved and loaded through the real model-directory format."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from nxtrec.model.directory import build_model
+from nxtrec.model.image import list_images
 from nxtrec.model.presets import init_model, make_tokenizer, preset_config
 from nxtrec.model.tokenizer import Tokenizer
 
 SPECIAL = ["<|image|>", "<|empty|>"]
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT.parent / "shared" / "images"  # the real photos beside the checkout, when present
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """The real photos when present, else the bundled example scenes."""
+    return list_images([str(PHOTOS if PHOTOS.is_dir() else ROOT / "examples")])
 
 
 @pytest.fixture(scope="session")

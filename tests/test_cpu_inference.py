@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +14,6 @@ from nxtrec.errors import NxtrecError
 from nxtrec.inference.cpu import OneDnnLinear, onednn_available
 from nxtrec.inference.recognizer import Recognizer
 from nxtrec.model.directory import default_model_dir, load_model_dir
-from nxtrec.model.image import list_images
-
-PHOTOS = Path("/work/shared/images")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """The real photos when present, else the bundled example scenes."""
-    return list_images([str(PHOTOS if PHOTOS.is_dir() else ROOT / "examples")])
 
 
 @pytest.fixture(scope="module")

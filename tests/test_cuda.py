@@ -3,28 +3,16 @@ runs them (`pytest -m cuda`) before the full-size measurements."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from test_train import tiny_cfg, write_shards
 
 from nxtrec.inference.recognizer import Recognizer
-from nxtrec.model.image import list_images
 from nxtrec.training.checkpoint import checkpoint_dirs
 from nxtrec.training.logger import read_metrics
 from nxtrec.training.main import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-PHOTOS = Path("/work/shared/images")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return list_images([str(PHOTOS if PHOTOS.is_dir() else ROOT / "examples")])
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

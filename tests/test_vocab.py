@@ -202,6 +202,17 @@ def test_map_to_sums_per_entry_and_drops_below_threshold():
     assert mapper.map([]) == []
 
 
+def test_map_to_merges_grounding_maps_by_probability():
+    embedder = TableEmbedder({"dog": [1, 0], "hound": [0.95, 0.05], "cat": [0, 1]})
+    mapper = LabelMapper(LabelList.from_lines(["dog", "cat"]), threshold=0.5, embedder=embedder)
+    left, right = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    out = mapper.map([Label("hound", 0.3, map=left), Label("dog", 0.1, map=right), Label("cat", 0.2, map=right)])
+    assert [x.label for x in out] == ["dog", "cat"]
+    np.testing.assert_allclose(out[0].map, [[0.75, 0.25]], rtol=1e-6)
+    np.testing.assert_allclose(out[1].map, right)
+    assert mapper.map([Label("dog", 0.5)])[0].map is None
+
+
 @pytest.mark.slow  # packs scenes with spaCy and loads MiniLM
 def test_eval_cli_vocab_and_map_to(tiny_model_dir, tmp_path, capsys):
     from nxtrec.data.synth import generate, write_tag_list

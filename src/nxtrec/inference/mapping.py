@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from nxtrec.errors import NxtrecError
-from nxtrec.inference.ranking import Label
+from nxtrec.inference.ranking import Label, merge_maps
 from nxtrec.inference.vocab import LabelList, as_label_list
 
 DEFAULT_MAP_THRESHOLD = 0.5
@@ -37,6 +37,7 @@ class LabelMapper:
         sims = self.embedder.embed([lab.label for lab in labels]) @ self.form_vectors.T
         best_sim, best_form = sims.max(dim=1)
         totals: dict[str, Label] = {}
+        mapped: dict[str, list[Label]] = {}
         for lab, sim, form in zip(labels, best_sim.tolist(), best_form.tolist()):
             if sim < self.threshold:
                 continue
@@ -44,6 +45,9 @@ class LabelMapper:
             entry = totals.setdefault(name, Label(name, 0.0, sim))
             entry.prob += lab.prob
             entry.score = max(entry.score, sim)
+            mapped.setdefault(name, []).append(lab)
+        for name, entry in totals.items():  # grounding maps, when asked for, follow their labels
+            entry.map = merge_maps([lab.prob for lab in mapped[name]], [lab.map for lab in mapped[name]])
         out = sorted(totals.values(), key=lambda l: l.prob, reverse=True)
         return out[:top_k] if top_k else out
 

@@ -64,14 +64,14 @@ def to_branches(seqs: list[list[int]], probs: list[list[float]], k: int, delimit
     return out
 
 
-def _merge_maps(branches: list[Branch]) -> np.ndarray | None:
-    """The maps of the branches merged into one label, weighted by each branch's probability
-    (equal weights if they all underflow to 0); None when the branches carry no maps."""
-    if branches[0].map is None:
+def merge_maps(probs: list[float], maps: list[np.ndarray | None]) -> np.ndarray | None:
+    """Maps of several branches or labels merged into one, weighted by their probabilities
+    (equal weights if they all underflow to 0); None when they carry no maps."""
+    if not maps or any(m is None for m in maps):
         return None
-    weights = np.array([math.prod(b.probs) for b in branches], dtype=np.float64)
-    weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(branches), 1.0 / len(branches))
-    return np.tensordot(weights, np.stack([b.map for b in branches]), axes=1).astype(np.float32)
+    weights = np.array(probs, dtype=np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(maps), 1.0 / len(maps))
+    return np.tensordot(weights, np.stack(maps), axes=1).astype(np.float32)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -115,7 +115,7 @@ def rank_labels(
                 cos = np.clip(txt @ img.T, -1, 1)
                 dists.append(float((np.sqrt(2 - 2 * cos) / 2).mean()))
             score = sum(dists) / len(dists)
-        labels.append(Label(name, prob, score, _merge_maps(brs)))
+        labels.append(Label(name, prob, score, merge_maps([math.prod(b.probs) for b in brs], [b.map for b in brs])))
     if ranking == "prob":
         labels.sort(key=lambda l: l.prob, reverse=True)
     elif ranking in ("ppl", "sim"):

@@ -152,6 +152,21 @@ def test_maps_option_adds_each_labels_grid(engine, scenes):
     run(main())
 
 
+def test_tag_list_constrains_every_request(scenes, tmp_path):
+    tags = tmp_path / "tags.txt"
+    tags.write_text("ring\nstar | stars\ncrown\n")
+    listed = load_engine(decode_options={"vocab": str(tags)})
+
+    async def main():
+        async with serving(create_app(listed)) as client:
+            r = await client.post("/v1/tag?top_k=5", files={"files": ("scene.jpg", scenes[0], "image/jpeg")})
+            assert r.status_code == 200
+            labels = [x["label"] for x in r.json()["results"][0]["labels"]]
+            assert labels and set(labels) <= {"ring", "star", "crown"}
+
+    asyncio.run(main())
+
+
 def test_concurrent_requests_run_as_one_batch(engine, scenes):
     # A long wait lets the four requests meet; each must still get its own image's labels.
     app = create_app(engine, ServeConfig(max_batch=4, max_wait_ms=1000))

@@ -219,3 +219,14 @@ def test_torchrun_two_processes_give_the_records_of_one(tiny_model_dir, tmp_path
     assert manifest["world_size"] == 2 and manifest["status"] == "complete"
     assert manifest["counts"] == json.loads((tmp_path / "one" / "manifest.json").read_text())["counts"]
     assert _errors(tmp_path / "two") == _errors(tmp_path / "one")
+
+
+def test_tag_list_constrains_the_records(tiny_model_dir, tmp_path):
+    images = _collection(tmp_path / "imgs", n=3)
+    tags = tmp_path / "tags.txt"
+    tags.write_text("dog\ncat | kitten\ncar\ntree\n")
+    out = tmp_path / "out"
+    assert _tag(tiny_model_dir, out, images, "--vocab", tags, "--top-k", "3") == 1  # the corrupt image
+    recs = _records(out)
+    assert len(recs) == 3
+    assert all(r["labels"] and {x["label"] for x in r["labels"]} <= {"dog", "cat", "car", "tree"} for r in recs)

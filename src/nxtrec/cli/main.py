@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"nxtrec.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"nxtrec.cli.{name}":
-                continue  # a command module not written yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"nxtrec.cli.{name}").register(sub)
     return parser
 
 

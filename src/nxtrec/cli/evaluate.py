@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from nxtrec.cli.options import (
@@ -89,24 +88,9 @@ def report_skipped(skipped: dict[str, int], evaluated: int, max_fraction: float)
 
 def _read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; an empty file is an error."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise NxtrecError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise NxtrecError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                    rows.append((n, row))
-    except FileNotFoundError:
-        raise NxtrecError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise NxtrecError(f"{path}: is a directory, expected a JSONL file") from None
-    except UnicodeDecodeError:
-        raise NxtrecError(f"{path}: not UTF-8 text") from None
+    from nxtrec.data.sources import read_jsonl
+
+    rows = list(read_jsonl(path, "file"))
     if not rows:
         raise NxtrecError(f"{path}: no records (the file is empty)")
     return rows

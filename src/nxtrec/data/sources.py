@@ -38,22 +38,27 @@ def _read_json(path: Path, what: str):
         raise NxtrecError(f"{path}: not a JSON {what} ({e})") from None
 
 
-def _read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines `what`; an error names
+    the file and the line."""
     try:
-        f = open(path, encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise NxtrecError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise NxtrecError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                yield line_no, obj
     except FileNotFoundError:
         raise NxtrecError(f"{path}: no such {what}") from None
-    with f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NxtrecError(f"{path}:{line_no}: not a JSON line ({e})") from None
-            if not isinstance(obj, dict):
-                raise NxtrecError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, obj
+    except IsADirectoryError:
+        raise NxtrecError(f"{path}: is a directory, expected a {what}") from None
+    except UnicodeDecodeError:
+        raise NxtrecError(f"{path}: not UTF-8 text") from None
 
 
 def _field(obj: dict, name: str, path: Path, line_no: int) -> str:
@@ -85,7 +90,7 @@ def openimages_records(images: Path, narratives: Path) -> list[Record]:
     """Localized Narratives JSONL (`image_id`, `caption` per line) with the OpenImages
     folder of `IMAGE_ID.jpg`: one record per image, its narratives joined with spaces."""
     texts: dict[str, list[str]] = defaultdict(list)
-    for line_no, obj in _read_jsonl(Path(narratives), "narratives file"):
+    for line_no, obj in read_jsonl(narratives, "narratives file"):
         image_id = _field(obj, "image_id", narratives, line_no)
         texts[image_id].append(_field(obj, "caption", narratives, line_no).strip())
     return [
@@ -100,7 +105,7 @@ def jsonl_records(path: Path, images_root: Optional[Path] = None) -> list[Record
     path = Path(path)
     root = Path(images_root) if images_root else path.parent
     records = []
-    for line_no, obj in _read_jsonl(path, "JSONL file"):
+    for line_no, obj in read_jsonl(path, "JSONL file"):
         image = _field(obj, "image", path, line_no)
         caption = _field(obj, "caption", path, line_no)
         key = obj.get("key") or f"{line_no:09d}"

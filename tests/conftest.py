@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "images"  # the real photos beside the checkout, when present
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to a busy neighbour core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def photos():
     """The real photos when present, else the bundled example scenes."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import datagen
 import pytest
-import torch
 
 from nxtrec.cli.main import main
 from nxtrec.inference.recognizer import Recognizer
@@ -26,12 +25,7 @@ VENV_BIN = Path(sys.executable).parent
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _collection(folder: Path, n: int = 9) -> Path:

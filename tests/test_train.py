@@ -62,13 +62,7 @@ def write_shards(out: Path, n_shards=4, per_shard=24, seed=0) -> str:
     return str(out / "*.tar")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to a busy neighbour core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,7 @@ def write_shard(path: Path, first: int, n: int, corrupt: tuple = ()) -> None:
             w.write({"__key__": f"{k:08d}", "jpg": image, "json": json.dumps({"labels": [WORDS[k % 3]]}).encode()})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(shards: str, run_dir: Path, *overrides):

@@ -172,7 +172,7 @@ class TableDecoder:
     def __call__(self, h, mask, last_only=True):
         return self.prefix.expand(h.shape[0], -1), []
 
-    def step(self, tokens, position, prefix_kvs, groups, own_kvs):
+    def step(self, tokens, position, prefix_kvs, rows, own_kvs):
         self.contexts.append(own_kvs[0][0].long().tolist() if own_kvs else [])
         fed = tokens[:, None].float()
         own = fed if own_kvs is None else torch.cat([own_kvs[0][0], fed], 1)

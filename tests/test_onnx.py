@@ -26,6 +26,7 @@ from PIL import Image
 from nxtrec.cli.main import main
 from nxtrec.inference.recognizer import Recognizer
 from nxtrec.inference.sampling import prefill
+from nxtrec.model.decoder import BranchRows
 from nxtrec.model.directory import load_model_dir, save_model_dir
 from nxtrec.onnx.export import export_onnx
 from nxtrec.onnx.graphs import kv_names
@@ -158,14 +159,14 @@ def test_graphs_match_pytorch(onnx_dir, model_dir, tokenizer):
 
     table = dec.tok_embeddings.weight.detach().numpy()
     tokens = logits.softmax(-1).topk(3, dim=-1).indices.reshape(-1)
-    groups = [(0, 0, 3), (1, 3, 6)]
+    rows = BranchRows.of([0, 0, 0, 1, 1, 1], 2)
     prefix = [t.numpy() for kv in kvs for t in kv]
     repeated = [np.repeat(t, 3, axis=0) for t in prefix]
     past = past_rep = [np.zeros((6, H, 0, D), np.float32)] * (2 * L)
     own = None
     for s in range(4):
         with torch.inference_mode():
-            want, own = dec.step(tokens, plen + s, kvs, groups, own)
+            want, own = dec.step(tokens, plen + s, kvs, rows, own)
         base = {"inputs_embeds": table[tokens.numpy()][:, None, :], "position": np.array(plen + s)}
         got = step.run(None, {**base, **dict(zip(kv_names("prefix", L), prefix)), **dict(zip(kv_names("past", L), past))})
         rep = step.run(None, {**base, **dict(zip(kv_names("prefix", L), repeated)),

@@ -117,3 +117,17 @@ def test_greedy_and_beam_search_produce_labels(tokenizer):
     assert len(sampled) == 2
     beams = beam_search(model, tokens, prompt, tokenizer.eos_id, tokenizer.delimiter_id, beam_size=3, max_new_tokens=8)
     assert len(beams) == 2 and all(len(img) >= 1 for img in beams)
+
+
+def test_branch_rows_place_uneven_images_in_a_zero_padded_grid():
+    from nxtrec.model.decoder import BranchRows
+
+    rows = BranchRows.of([0, 0, 2, 2, 2], images=3)  # image 1 has no branch left
+    assert (rows.width, rows.slots.tolist()) == (3, [0, 1, 6, 7, 8])
+    x = torch.arange(1.0, 11.0).reshape(5, 1, 2)  # [N, H, X]
+    grid = rows.to_grid(x)
+    assert grid.shape == (3, 1, 3, 2)
+    assert grid[1].abs().sum() == 0 and grid[0, 0, 2].abs().sum() == 0
+    assert torch.equal(rows.from_grid(grid), x)
+    full = BranchRows.of([0, 0, 1, 1], images=2)
+    assert full.slots is None and torch.equal(full.from_grid(full.to_grid(x[:4])), x[:4])

@@ -19,6 +19,7 @@ import torch
 
 from nxtrec.inference.constrained import TorchTrieWalk
 from nxtrec.inference.ranking import MAX_LABEL_TOKENS, Branch, to_branches
+from nxtrec.model.decoder import BranchRows
 from nxtrec.model.masks import inference_mask
 from nxtrec.model.network import NxtpModel
 
@@ -34,17 +35,6 @@ def prefill(model: NxtpModel, image_tokens: torch.Tensor, prompt_ids: torch.Tens
     mask = inference_mask(h.shape[1], image_tokens.shape[1], device=h.device, dtype=h.dtype)
     logits, kvs = model.language_decoder(h, mask, last_only=True)
     return logits, kvs, h.shape[1]
-
-
-def _groups(owner: list[int]) -> list[tuple[int, int, int]]:
-    """(image, start, end) row ranges of consecutive rows that belong to the same image."""
-    out = []
-    for row, img in enumerate(owner):
-        if out and out[-1][0] == img:
-            out[-1] = (img, out[-1][1], row + 1)
-        else:
-            out.append((img, row, row + 1))
-    return out
 
 
 def _select_rows(kvs, rows: torch.Tensor):
@@ -100,7 +90,8 @@ def one_shot(
     for step in range(n_steps):
         if not active:
             break
-        logits, own_kvs = dec.step(tokens, prefix_len + step, prefix_kvs, _groups([owner[i] for i in active]), own_kvs)
+        rows = BranchRows.of([owner[i] for i in active], image_tokens.shape[0], tokens.device)
+        logits, own_kvs = dec.step(tokens, prefix_len + step, prefix_kvs, rows, own_kvs)
         if recorder is not None:
             recorder.end_step(active)
         p, nxt = logits.float().softmax(-1).max(-1) if walk is None else walk.step(logits, active)
@@ -202,7 +193,7 @@ def greedy(
     dec = model.language_decoder
     logits, prefix_kvs, prefix_len = prefill(model, image_tokens, prompt_ids)
     b = logits.shape[0]
-    groups = _groups(list(range(b)))
+    rows = BranchRows.of(list(range(b)), b)
     history: list[list[int]] = []  # [t][N]
     token_probs: list[list[float]] = []
     own_kvs = None
@@ -218,7 +209,7 @@ def greedy(
         token_probs.append(dist.gather(-1, nxt[:, None])[:, 0].tolist())
         if all(eos_id in col for col in zip(*history)):
             break
-        logits, own_kvs = dec.step(nxt, prefix_len + step, prefix_kvs, groups, own_kvs)
+        logits, own_kvs = dec.step(nxt, prefix_len + step, prefix_kvs, rows, own_kvs)
     seqs = [list(col) for col in zip(*history)]
     probs = [list(col) for col in zip(*token_probs)]
     return [_split_labels(s, p, eos_id, delimiter_id) for s, p in zip(seqs, probs)]
@@ -248,7 +239,7 @@ def beam_search(
     beams = [[([t], [lp]) for t, lp in zip(top_i[i].tolist(), top_lp[i].tolist())] for i in range(b)]
     finished: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(b)]
     owner = [i for i in range(b) for _ in range(beam_size)]
-    groups = _groups(owner)
+    branch_rows = BranchRows.of(owner, b)
     own_kvs = None
 
     def score(lps):
@@ -264,7 +255,7 @@ def beam_search(
         if all(len(f) >= beam_size for f in finished) or step == max_new_tokens - 1:
             break
         last = torch.tensor([seq[-1] for seq, _ in rows], device=logits.device)
-        logits, own_kvs = dec.step(last, prefix_len + step, prefix_kvs, groups, own_kvs)
+        logits, own_kvs = dec.step(last, prefix_len + step, prefix_kvs, branch_rows, own_kvs)
         logp = logits.float().log_softmax(-1)
         cand_lp, cand_i = logp.topk(beam_size + 1, dim=-1)
         new_beams, sources = [], []

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from nxtrec.model.config import ModelConfig
+from nxtrec.model.decoder import BranchRows
 from nxtrec.model.network import NxtpModel
 from nxtrec.model.tokenizer import Tokenizer
 from nxtrec.onnx.graphs import kv_names
@@ -30,11 +31,11 @@ def torch_reference(model: NxtpModel, tokenizer: Tokenizer, pixels: torch.Tensor
         prefix = model.prefix_embeddings(image_tokens, prompt)
         logits, kvs, plen = torch_prefill(model, image_tokens, prompt)
         tokens = logits.float().softmax(-1).topk(branches, dim=-1).indices.reshape(-1)
-        groups = [(i, i * branches, (i + 1) * branches) for i in range(pixels.shape[0])]
+        rows = BranchRows.of([i for i in range(pixels.shape[0]) for _ in range(branches)], pixels.shape[0])
         step_logits, step_tokens, own = [], [], None
         for step in range(2):
             step_tokens.append(tokens)
-            out, own = dec.step(tokens, plen + step, kvs, groups, own)
+            out, own = dec.step(tokens, plen + step, kvs, rows, own)
             step_logits.append(out.float())
             tokens = out.argmax(-1)
     np_ = lambda x: x.float().numpy()  # noqa: E731

@@ -12,10 +12,16 @@
 
 The weights stay the model's own tensors (no copy) in float32 / bfloat16; int8 replaces the
 float32 weights of the Linear layers by their int8 copies.
+
+The process's allocator is tuned too (`keep_freed_memory`): glibc returns large freed blocks
+to the kernel at once, so every batch's activations arrived in fresh pages, each one a page
+fault (batch 64 of the demo model: ~800 faults and 12% of the CPU time in the kernel).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import warnings
 
 import torch
@@ -25,6 +31,25 @@ from nxtrec.model.network import NxtpModel
 
 # float16 Linear layers are left to PyTorch (no fast float16 kernels on most CPUs).
 ONEDNN_DTYPES = ("float32", "bfloat16")
+
+
+# glibc's mallopt parameters, and the environment variables that set them at start-up.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+KEEP_FREED_BYTES = 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed blocks up to 256 MB instead of unmapping them (blocks up to 256 MB
+    come from the heap, and up to 256 MB of free heap is kept). Left alone when the allocator
+    is not glibc's or any of its variables is set (the user's choice wins). True if applied."""
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return all(mallopt(param, KEEP_FREED_BYTES) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD))
 
 
 def onednn_available() -> bool:
@@ -69,6 +94,7 @@ def optimize_for_cpu(model: NxtpModel, dtype: str = "float32") -> NxtpModel:
     place; other dtypes are left as they are. Only for inference: these layers have no
     autograd, so training uses a model that did not go through here."""
     model.eval()
+    keep_freed_memory()
     if dtype == "int8":
         return quantize_int8(model)
     if dtype in ONEDNN_DTYPES and onednn_available():

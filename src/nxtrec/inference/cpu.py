@@ -15,7 +15,8 @@ float32 weights of the Linear layers by their int8 copies.
 
 The process's allocator is tuned too (`keep_freed_memory`): glibc returns large freed blocks
 to the kernel at once, so every batch's activations arrived in fresh pages, each one a page
-fault (batch 64 of the demo model: ~800 faults and 12% of the CPU time in the kernel).
+fault (batch 64 of the demo model: ~800 faults per image, 13-16% of the CPU time in the
+kernel).
 """
 
 from __future__ import annotations

@@ -127,11 +127,12 @@ class Attention(nn.Module):
             k, v = torch.cat([own_kv[0], k], dim=2), torch.cat([own_kv[1], v], dim=2)
         pk, pv = prefix_kv
         n, h, _, d = q.shape
+        scale = 1.0 / math.sqrt(d)
         q2 = q[:, :, 0, :]  # [N, H, D]
         # The prefix is read in place by one matmul over the grid, never copied per branch.
         pre_scores = rows.from_grid(torch.matmul(rows.to_grid(q2), pk.transpose(2, 3)))
         own_scores = torch.einsum("nhd,nhtd->nht", q2, k)
-        probs = torch.cat([pre_scores, own_scores], dim=-1).float().mul(1.0 / math.sqrt(d)).softmax(-1).type_as(q)
+        probs = torch.cat([pre_scores, own_scores], dim=-1).float().mul(scale).softmax(-1).type_as(q)
         pre_p, own_p = probs.split([pk.shape[2], k.shape[2]], dim=-1)
         if self.probe is not None:
             self.probe.step(pre_p)

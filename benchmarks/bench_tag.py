@@ -7,8 +7,8 @@
 
 Bundled demo model, CPU, one-shot top-k 10. Every measurement runs in its own process (so
 its peak RSS is its own), one after the other, --rounds times in turns; the best round of
-each kind is reported (on a shared machine the speed of a run varies by up to 25%, and the
-best round is the least disturbed one):
+each kind is reported (on a shared machine the speed of a run varies by tens of percent,
+and the best round is the least disturbed one):
   ceiling  the model alone: images decoded and preprocessed in memory beforehand, timed over
            `predict_batch` calls of --batch-size;
   tag      `nxtrec tag` on the files (its manifest's this-run time: loading the model and

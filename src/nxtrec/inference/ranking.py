@@ -121,3 +121,10 @@ def rank_labels(
     elif ranking in ("ppl", "sim"):
         labels.sort(key=lambda l: l.score)
     return labels[:top_k] if top_k else labels
+
+
+def keep_labels(labels: list[Label], min_prob: float = 0.0, max_labels: int | None = None) -> list[Label]:
+    """Ranked labels (best first) with probability >= min_prob, at most max_labels of them:
+    the selection of `nxtrec tag` and `nxtrec serve`."""
+    kept = [lab for lab in labels if lab.prob >= min_prob]
+    return kept[:max_labels] if max_labels else kept

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
+from nxtrec.inference.ranking import keep_labels
 from nxtrec.serving.batcher import Batcher, Job, QueueFull
 from nxtrec.serving.engine import Engine
 from nxtrec.serving.metrics import Metrics
@@ -150,7 +151,7 @@ async def _tag(request: Request, query: dict) -> dict:
     return {
         "model": engine.name,
         "results": [
-            {"labels": [lab.to_dict() for lab in labels if lab.prob >= options.min_prob], "width": d.width, "height": d.height}
+            {"labels": [lab.to_dict() for lab in keep_labels(labels, options.min_prob)], "width": d.width, "height": d.height}
             for labels, d in zip(results, decoded)
         ],
         "time_ms": round((time.perf_counter() - start) * 1000, 3),

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from nxtrec.inference.ranking import Label
+from nxtrec.inference.ranking import Label, keep_labels
 from nxtrec.tagging.decode import Preprocess, image_name
 from nxtrec.tagging.inputs import InputItem
 from nxtrec.tagging.prefetch import Batch, BatchDecoder
@@ -32,12 +32,6 @@ class TagResult:
         return {"id": self.id, "labels": labels, "width": self.width, "height": self.height}
 
 
-def select_labels(labels: list[Label], min_prob: float = 0.0, max_labels: int | None = None) -> list[Label]:
-    """Labels (ranked, best first) with probability >= min_prob, at most max_labels of them."""
-    kept = [lab for lab in labels if lab.prob >= min_prob]
-    return kept[:max_labels] if max_labels else kept
-
-
 def batch_ranges(start: int, end: int, batch_size: int) -> list[range]:
     return [range(b, min(b + batch_size, end)) for b in range(start, end, batch_size)]
 
@@ -54,7 +48,7 @@ def tag_batches(
             if d.error is not None:
                 yield TagResult(name, None, error=d.error)
             else:
-                yield TagResult(name, select_labels(next(labels), min_prob, max_labels), d.width, d.height)
+                yield TagResult(name, keep_labels(next(labels), min_prob, max_labels), d.width, d.height)
 
 
 def tag_images(

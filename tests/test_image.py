@@ -32,6 +32,9 @@ def test_preprocess_follows_clip_resize_crop_normalise():
     mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
     std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
     np.testing.assert_array_equal(out, ((crop - mean) / std).transpose(2, 0, 1))
+    into = np.full((3, 224, 224), np.nan, dtype=np.float32)  # a batch loader's slot
+    assert preprocess_array(img, 224, out=into) is into
+    np.testing.assert_array_equal(into, out)
     assert resize_shorter_side(Image.new("RGB", (224, 500)), 224).size == (224, 500)
     assert center_crop(Image.new("RGB", (3, 500)), 224).size == (224, 224)
 

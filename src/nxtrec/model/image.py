@@ -8,6 +8,7 @@ model was trained with.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import re
@@ -203,14 +204,27 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+@functools.lru_cache(maxsize=8)
+def _normalised_levels(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[3, 256] float32: `(level / 255 - mean) / std` of each 8-bit level per channel. It is
+    computed with the same float32 operations as on a whole image, so looking pixels up in
+    it gives bit-identical values, with one pass over the image instead of four."""
+    levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+    return (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+
+
 def preprocess_array(
-    img: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD
+    img: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """RGB PIL image -> float32 array [3, size, size], CLIP-normalised."""
-    img = center_crop(resize_shorter_side(_to_rgb(img), size), size)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    """RGB PIL image -> float32 array [3, size, size], CLIP-normalised; written into `out`
+    when given (a batch loader fills its batch in place)."""
+    rgb = np.asarray(center_crop(resize_shorter_side(_to_rgb(img), size), size))
+    levels = _normalised_levels(tuple(mean), tuple(std))
+    if out is None:
+        out = np.empty((3, size, size), dtype=np.float32)
+    for c in range(3):
+        np.take(levels[c], rgb[:, :, c], out=out[c])
+    return out
 
 
 def preprocess(img: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD):

@@ -23,10 +23,9 @@ class Preprocess:
 @dataclass
 class Decoded:
     index: int  # position in the input list
-    pixels: np.ndarray | None  # [3, S, S] float32; None when the image failed
     width: int = 0
     height: int = 0
-    error: str | None = None
+    error: str | None = None  # why the image failed; None when its pixels were written
 
 
 def _read_member(member: TarMember) -> bytes:
@@ -38,17 +37,18 @@ def _read_member(member: TarMember) -> bytes:
     return data
 
 
-def decode(index: int, name: str, source: ImageInput | TarMember | None, prep: Preprocess) -> Decoded:
-    """Decode and preprocess one image; `name` (its id) names it in error messages."""
+def decode(index: int, name: str, source: ImageInput | TarMember | None, prep: Preprocess, out: np.ndarray) -> Decoded:
+    """Decode and preprocess one image into `out` [3, S, S]; `name` (its id) names it in
+    error messages."""
     try:
         if source is None:
             raise ImageError("no image in this sample")
         img = load_image(_read_member(source) if isinstance(source, TarMember) else source)
-        pixels = preprocess_array(img, prep.size, prep.mean, prep.std)
+        preprocess_array(img, prep.size, prep.mean, prep.std, out=out)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop a job over millions
         reason = str(e).removeprefix("<bytes>: ") if isinstance(e, (ImageError, OSError)) else f"{type(e).__name__}: {e}"
-        return Decoded(index, None, error=reason if reason.startswith(name) else f"{name}: {reason}")
-    return Decoded(index, pixels, img.width, img.height)
+        return Decoded(index, error=reason if reason.startswith(name) else f"{name}: {reason}")
+    return Decoded(index, img.width, img.height)
 
 
 def image_name(source, index: int) -> str:

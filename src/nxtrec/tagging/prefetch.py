@@ -7,6 +7,7 @@ few batches in flight, so memory does not grow with the number of images."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from collections import deque
@@ -22,7 +23,7 @@ from nxtrec.tagging.inputs import InputItem
 
 @dataclass
 class Batch:
-    items: list[Decoded]  # every input of the batch in order, pixels dropped
+    items: list[Decoded]  # every input of the batch in order
     pixels: Any | None  # the decoded images stacked [n, 3, S, S]; None when all failed
 
 
@@ -36,16 +37,30 @@ class BatchDecoder:
         return len(self.plan)
 
     def __getitem__(self, b: int) -> Batch:
-        decoded = [decode(i, self.items[i].id, self.items[i].source, self.prep) for i in self.plan[b]]
-        good = [d.pixels for d in decoded if d.pixels is not None]
-        for d in decoded:
-            d.pixels = None
-        pixels = np.stack(good) if good else None
-        if pixels is not None and self.as_tensor:
-            import torch
+        pixels, array = self._empty_batch(len(self.plan[b]))
+        decoded, good = [], 0
+        for i in self.plan[b]:
+            decoded.append(decode(i, self.items[i].id, self.items[i].source, self.prep, out=array[good]))
+            good += decoded[-1].error is None
+        return Batch(decoded, pixels[:good] if good else None)
 
-            pixels = torch.from_numpy(pixels)
-        return Batch(decoded, pixels)
+    def _empty_batch(self, n: int):
+        """The batch and a numpy view of it: images are preprocessed straight into it. A torch
+        batch is allocated in shared memory, so that handing it to the model process copies
+        nothing."""
+        shape = (n, 3, self.prep.size, self.prep.size)
+        if not self.as_tensor:
+            array = np.empty(shape, dtype=np.float32)
+            return array, array
+        import torch
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is None:
+            tensor = torch.empty(shape, dtype=torch.float32)
+        else:  # in a loader worker: shared memory, as torch's own default_collate allocates it
+            empty = torch.empty(0, dtype=torch.float32)
+            tensor = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
+        return tensor, tensor.numpy()
 
 
 def _whole_batch(batch):

@@ -12,7 +12,8 @@ the default batching and (2) the same against `--max-batch 1`, the two loaded in
 (4) the clients again with `--bad` bad uploads (truncated, huge-dimension headers,
 decompression bombs, wrong types, over the size limit) mixed in: all must be 4xx while the
 good requests keep succeeding. Reports p50/p99 latency, throughput, mean batch size and the
-server's RSS (sampled, and its peak) per phase; writes them to --out as JSON.
+RSS of the server with its model process (sampled, and its peak) per phase; writes them to
+--out as JSON.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model directory (default: the bundled demo model)")
+    p.add_argument("--processes", type=int, default=1, help="nxtrec serve --processes (model processes) of every server")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load on each of the two servers")
     p.add_argument("--rounds", type=int, default=3, help="turns the duration is split into")
@@ -50,7 +52,9 @@ def parse_args():
     p.add_argument("--scenes", type=int, default=30, help="synthetic scenes to generate")
     p.add_argument("--work", default="/tmp/nxtrec-bench-serve", help="folder for generated scenes")
     p.add_argument("--out", default="/tmp/nxtrec-bench-serve/results.json")
-    return p.parse_args()
+    args = p.parse_args()
+    args.server_args = ["--processes", str(args.processes)]
+    return args
 
 
 # -- inputs --------------------------------------------------------------------------------
@@ -105,6 +109,18 @@ def bad_uploads(good: list[bytes], n: int, seed: int = 0) -> list[tuple[str, byt
 # -- the server ------------------------------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 class Server:
     def __init__(self, model: str | None, *args: str):
         with socket.socket() as s:
@@ -131,9 +147,13 @@ class Server:
         raise SystemExit("nxtrec serve did not become ready")
 
     def memory(self, field: str) -> int:
-        """VmRSS (now) or VmHWM (peak) of the server process, bytes."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(rf"{field}:\s+(\d+) kB", status)[1]) * 1024
+        """VmRSS (now) or VmHWM (peak) of the server and its model process together, bytes
+        (the sum of the two peaks for VmHWM: an upper bound of their joint peak)."""
+        total = 0
+        for pid in (self.proc.pid, *_children(self.proc.pid)):
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(rf"{field}:\s+(\d+) kB", status)[1]) * 1024
+        return total
 
     async def sample_rss(self, stop: asyncio.Event):
         while not stop.is_set():
@@ -223,7 +243,7 @@ def summary(server: Server, results: list, elapsed: float, bad_answers: list | N
 def compare_batching(args, images) -> dict:
     """Both servers run side by side and are loaded in turns (`--rounds` slices each), so that
     a change in the machine's other load does not favour one of them."""
-    servers = {"batched": Server(args.model, "--max-batch", "16"), "max_batch_1": Server(args.model, "--max-batch", "1")}
+    servers = {name: Server(args.model, "--max-batch", size, *args.server_args) for name, size in (("batched", "16"), ("max_batch_1", "1"))}
     totals = {name: ([], 0.0) for name in servers}
     try:
         for _ in range(args.rounds):
@@ -254,18 +274,19 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     images = scene_images(work, args.scenes)
-    report = {"clients": args.clients, "duration_s": args.duration, "rounds": args.rounds, "images": len(images)}
+    report = {"clients": args.clients, "processes": args.processes, "duration_s": args.duration, "rounds": args.rounds,
+              "images": len(images)}
     report.update(compare_batching(args, images))
     report["speedup"] = round(report["batched"]["throughput_per_s"] / report["max_batch_1"]["throughput_per_s"], 2)
     for name in ("batched", "max_batch_1"):
         print(name, json.dumps(report[name]), flush=True)
-    server = Server(args.model, "--queue", "4", "--max-images", "4")
+    server = Server(args.model, "--queue", "4", "--max-images", "4", *args.server_args)
     try:
         report["overflow"] = asyncio.run(overflow_phase(server, images[0]))
     finally:
         server.close()
     print("overflow", json.dumps(report["overflow"]), flush=True)
-    server = Server(args.model)
+    server = Server(args.model, *args.server_args)
     try:
         bad = bad_uploads(images, args.bad)
         results, bad_answers, elapsed = asyncio.run(load_phase(server, images, args.clients, args.bad_duration, bad))

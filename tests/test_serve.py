@@ -26,7 +26,9 @@ from PIL import Image
 
 from nxtrec.serving.app import ServeConfig, create_app
 from nxtrec.serving.batcher import Batcher, QueueFull
+from nxtrec.errors import NxtrecError
 from nxtrec.serving.engine import Engine, load_engine
+from nxtrec.serving.model_process import start_engine_process
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
 NXTREC = [sys.executable, "-m", "nxtrec"]
@@ -34,7 +36,11 @@ NXTREC = [sys.executable, "-m", "nxtrec"]
 
 @pytest.fixture(scope="module")
 def engine():
-    return load_engine()  # the bundled demo model: real labels ("snake" first on the scene)
+    """The bundled demo model (real labels: "snake" first on the scene) in a model process of
+    its own, as `nxtrec serve` runs it."""
+    engine = start_engine_process()
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +171,71 @@ def test_tag_list_constrains_every_request(scenes, tmp_path):
             assert labels and set(labels) <= {"ring", "star", "crown"}
 
     asyncio.run(main())
+
+
+def model_processes(parent: int) -> list[int]:
+    """The pids of `parent`'s model processes (nxtrec.serving.model_process children)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if ppid == parent and b"nxtrec.serving.model_process" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_model_process_load_error_and_unexpected_end(scenes, tmp_path):
+    before = set(model_processes(os.getpid()))  # the module's engine
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NxtrecError, match=r"empty: config.json is missing; a model directory holds"):
+        start_engine_process(model=str(tmp_path / "empty"))
+    assert set(model_processes(os.getpid())) == before  # the failed one has ended
+    engine = start_engine_process()
+
+    async def main():
+        async with serving(create_app(engine)) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            (pid,) = set(model_processes(os.getpid())) - before
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while engine.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert (await client.get("/readyz")).status_code == 503
+            r = await client.post("/v1/tag", content=scenes[0], headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 503
+            assert r.json()["detail"] == "model failure: the model process ended unexpectedly (exit code -9)"
+            assert (await client.get("/healthz")).status_code == 200  # the server itself is up
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def test_two_model_processes_split_a_batch_and_give_the_same_labels(engine, scenes):
+    from nxtrec.model.image import load_image
+
+    before = set(model_processes(os.getpid()))
+    pair = start_engine_process(processes=2)
+    try:
+        assert len(set(model_processes(os.getpid())) - before) == 2
+        pixels = np.stack([engine.preprocess(load_image(data)) for data in scenes[:3]])  # shares of 2 and 1
+        for one, two in zip(engine.predict_arrays(pixels, 5, False), pair.predict_arrays(pixels, 5, False)):
+            assert_same_labels([lab.to_dict() for lab in two], [lab.to_dict() for lab in one])
+    finally:
+        pair.close()
+    assert set(model_processes(os.getpid())) == before
 
 
 def test_concurrent_requests_run_as_one_batch(engine, scenes):
@@ -384,6 +455,8 @@ def test_real_server_finishes_in_flight_request_on_sigterm(engine):
     try:
         answer = httpx.post(url + "/v1/tag?top_k=10", files={"files": ("scene.jpg", SCENE.read_bytes())}, timeout=60)
         assert_same_labels(answer.json()["results"][0]["labels"], expected_labels(engine, SCENE.read_bytes(), 10))
+        model = model_processes(proc.pid)
+        assert len(model) == 1
         # A request in flight: headers and half the body sent, then SIGTERM, then the rest.
         body = SCENE.read_bytes()
         port = int(url.rsplit(":", 1)[1])
@@ -403,6 +476,11 @@ def test_real_server_finishes_in_flight_request_on_sigterm(engine):
         assert json.loads(payload)["results"][0]["labels"][0]["label"] == "snake"
         # uvicorn ends by re-raising the signal after its graceful shutdown
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # and the model process ends with it (it sees the server's end of the socket close)
+        deadline = time.monotonic() + 20
+        while running(model[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(model[0])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest request body (413 beyond)")
     p.add_argument("--max-images", type=positive_int, default=32, help="most images in one request")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request (504 beyond)")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="model processes; each batch is split between them, each on cores/N threads (CPU)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (--model only)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     add_vocab_arguments(p, compat=False)
@@ -54,16 +56,21 @@ def run(args) -> int:
     import uvicorn
 
     from nxtrec.serving.app import create_app
-    from nxtrec.serving.engine import load_engine
+    from nxtrec.serving.model_process import start_engine_process
 
     config = _config(args)
-    engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype, decode_options=vocab_kwargs(args))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"nxtrec serve: warning: listening on {args.host} without an API key (--api-key or ${API_KEY_ENV})",
               file=sys.stderr)
-    print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
-    # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish,
-    # then runs the app's shutdown (the inference worker drains its queue).
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=max(args.timeout, 1.0))
+    engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype,
+                                  decode_options=vocab_kwargs(args), processes=args.processes)
+    try:
+        print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+        # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish,
+        # then runs the app's shutdown (the inference worker drains its queue); the model
+        # process ends last.
+        uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=max(args.timeout, 1.0))
+    finally:
+        engine.close()
     return 0

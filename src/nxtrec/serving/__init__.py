@@ -1,6 +1,7 @@
 """`nxtrec serve`: an HTTP tagging service (FastAPI + uvicorn, the `serve` extra).
 
 engine.py   the model behind the service (PyTorch model directory or ONNX directory)
+model_process.py  the engine in a child process of its own (no GIL shared with the server)
 batcher.py  dynamic batching: a bounded queue and one inference worker thread
 uploads.py  request bodies -> decoded, preprocessed images (limits, error statuses)
 metrics.py  Prometheus text metrics

@@ -107,7 +107,7 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", summary="The model is loaded and the inference worker runs")
     async def readyz(request: Request):
-        if not request.app.state.batcher.alive:
+        if not (request.app.state.batcher.alive and request.app.state.engine.alive()):
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "model": request.app.state.engine.name}
 
@@ -147,7 +147,13 @@ async def _tag(request: Request, query: dict) -> dict:
         jobs = state.batcher.submit([d.pixels for d in decoded], (options.top_k, options.maps))
     except QueueFull:
         raise RequestError(503, f"queue full ({config.queue} images waiting); retry shortly") from None
-    results = await _wait_results(request, jobs, config.timeout_s - (time.perf_counter() - start))
+    try:
+        results = await _wait_results(request, jobs, config.timeout_s - (time.perf_counter() - start))
+    except RequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model failed on this batch: the reason, as JSON
+        status = 500 if engine.alive() else 503  # 503: the model process has ended (readyz says so too)
+        raise RequestError(status, f"model failure: {e}") from None
     return {
         "model": engine.name,
         "results": [

@@ -4,7 +4,8 @@ seen through one small interface (preprocess one image, predict a batch of array
 Requests are decoded and preprocessed to float32 arrays in the request threads (torch-free,
 `nxtrec.model.image.preprocess_array`, the same function `Recognizer.pixels` uses); the
 inference worker stacks them and calls the recognizer's own `predict_batch`, so a served
-image gets exactly the labels and probabilities of `nxtrec predict`.
+image gets exactly the labels and probabilities of `nxtrec predict`. `nxtrec serve` runs the
+engine in a process of its own (`nxtrec.serving.model_process`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Engine:
     # (pixels [B, 3, S, S] float32, top_k, maps) -> labels per image
     predict_arrays: Callable[[np.ndarray, int, bool], list[list[Label]]]
     supports_maps: bool = False  # per-label maps over the patch grid (`Label.map`)
+    alive: Callable[[], bool] = lambda: True  # False once a model process has ended
+    close: Callable[[], None] = lambda: None  # ends a model process (its owner calls it)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         return preprocess_array(img, self.image_size, self.mean, self.std)

@@ -1,0 +1,218 @@
+"""The model in a process of its own, seen through the same `Engine` interface.
+
+In the server's process, the event loop, the request threads and the batching worker run
+Python code nearly all the time, and a model there waits for the GIL between its operators:
+under load it ran at about half its speed alone. In a child process it has no GIL to share.
+The batching worker writes each batch's pixels into a file both processes map, sends a
+short message and waits (the GIL released) for the labels, which come back pickled.
+
+The child ignores SIGINT and SIGTERM (a Ctrl-C or a service manager signals the whole
+process group): the server lets in-flight requests finish, then closes the engine. The
+child also ends when the pipe closes, so a killed server leaves no model process behind.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from nxtrec.errors import NxtrecError
+from nxtrec.serving.engine import Engine, load_engine
+
+STOP = None  # the message that ends the child
+SHM = "/dev/shm"  # memory-backed files on Linux; elsewhere the pixels file is an ordinary temporary file
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    supports_maps: bool
+
+
+def start_engine_process(model: str | None = None, onnx: str | None = None, device: str = "cpu",
+                         dtype: str = "float32", decode_options: dict | None = None, processes: int = 1) -> Engine:
+    """`load_engine` in `processes` child processes; raises `NxtrecError` with a child's message
+    when the model cannot be loaded. Each batch is split between them; with several, each
+    runs its share on cores/processes threads. A child is a fresh interpreter (`python -m`,
+    not multiprocessing's spawn, which would re-run the caller's main script)."""
+    load = {"model": model, "onnx": onnx, "device": device, "dtype": dtype, "decode_options": decode_options}
+    threads = max(1, (os.cpu_count() or 1) // processes) if processes > 1 else None
+    clients = [_Client.start(load, threads) for _ in range(processes)]  # they load at the same time
+    pool = _Pool(clients)
+    try:
+        info = EngineInfo(**pool.receive_all()[0])
+    except NxtrecError:
+        pool.close()
+        raise
+    return Engine(info.name, info.image_size, info.mean, info.std, pool.predict, info.supports_maps,
+                  alive=pool.alive, close=pool.close)
+
+
+class _Pool:
+    """The server's end: one batch at a time (the batching worker is one thread), split in
+    contiguous shares, one per model process."""
+
+    def __init__(self, clients: list[_Client]):
+        self.clients = clients
+        self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return all(c.process.poll() is None for c in self.clients)
+
+    def receive_all(self, clients: list[_Client] | None = None) -> list:
+        """One reply from each client, all read before any error is raised (so that no reply
+        is left unread for the next batch)."""
+        replies, error = [], None
+        for client in clients or self.clients:
+            try:
+                replies.append(client.receive())
+            except NxtrecError as e:
+                error = error or e
+        if error is not None:
+            raise error
+        return replies
+
+    def predict(self, pixels: np.ndarray, top_k: int, maps: bool) -> list:
+        shares = np.array_split(pixels, min(len(self.clients), len(pixels)))
+        with self.lock:
+            busy = self.clients[: len(shares)]
+            for client, share in zip(busy, shares):
+                client.send(share, top_k, maps)
+            return [labels for reply in self.receive_all(busy) for labels in reply]
+
+    def close(self) -> None:
+        with self.lock:
+            for client in self.clients:
+                client.stop()
+            for client in self.clients:
+                client.close()
+
+
+class _Client:
+    """One model process: a connection to it and the file its batches are written into."""
+
+    def __init__(self, conn: Connection, process: subprocess.Popen, pixels_file):
+        self.conn, self.process = conn, process
+        self.pixels = _SharedPixels(pixels_file.fileno())
+        self.pixels_file = pixels_file
+
+    @classmethod
+    def start(cls, load: dict, threads: int | None) -> _Client:
+        ours, theirs = socket.socketpair()
+        pixels_file = tempfile.TemporaryFile(dir=SHM if os.path.isdir(SHM) else None)  # noqa: SIM115 - closed by close()
+        fds = (theirs.fileno(), pixels_file.fileno())
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        with theirs:
+            process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds, env=env)
+        client = cls(Connection(ours.detach()), process, pixels_file)
+        client.conn.send(load)
+        return client
+
+    def receive(self):
+        try:
+            kind, value = self.conn.recv()
+        except (EOFError, OSError):
+            try:
+                code = self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                code = "none yet"
+            raise NxtrecError(f"the model process ended unexpectedly (exit code {code})") from None
+        if kind == "error":
+            raise NxtrecError(value)
+        return value
+
+    def send(self, pixels: np.ndarray, top_k: int, maps: bool) -> None:
+        np.copyto(self.pixels.view(pixels.shape, grow=True), pixels)
+        try:
+            self.conn.send((pixels.shape, top_k, maps))
+        except OSError:
+            pass  # the child is gone; receive() says so
+
+    def stop(self) -> None:
+        if not self.conn.closed:
+            try:
+                self.conn.send(STOP)
+            except OSError:
+                pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.conn.closed:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
+        self.pixels.close()
+        self.pixels_file.close()
+
+
+class _SharedPixels:
+    """A float32 batch in a file mapped by both processes: the pixels cross without a copy
+    through the connection (which, written in chunks, would take the GIL back per chunk).
+    The server grows the file before it sends a larger batch; the model process maps it
+    again when it sees one."""
+
+    def __init__(self, fd: int):
+        self.fd, self.map = fd, None
+
+    def view(self, shape: tuple[int, ...], grow: bool = False) -> np.ndarray:
+        size = 4 * math.prod(shape)
+        if self.map is None or len(self.map) < size:
+            if grow:
+                os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size)  # the old one is unmapped once no array uses it
+        return np.ndarray(shape, dtype=np.float32, buffer=self.map)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+def _serve(conn: Connection, pixels: _SharedPixels) -> None:
+    """The child: load the engine named by the first message, then answer batches until told
+    to stop or the server is gone."""
+    load = conn.recv()
+    try:
+        engine = load_engine(**load)
+    except Exception as e:  # noqa: BLE001 - the server reports it and exits
+        conn.send(("error", str(e) if isinstance(e, NxtrecError) else f"{type(e).__name__}: {e}"))
+        return
+    info = EngineInfo(engine.name, engine.image_size, tuple(engine.mean), tuple(engine.std), engine.supports_maps)
+    conn.send(("ok", asdict(info)))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the server is gone
+        if message is STOP:
+            return
+        shape, top_k, maps = message
+        try:
+            reply = ("ok", engine.predict_arrays(pixels.view(shape), top_k, maps))
+        except Exception as e:  # noqa: BLE001 - answered as a failed batch (500); the model lives on
+            reply = ("error", f"{type(e).__name__}: {e}")
+        conn.send(reply)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with Connection(int(sys.argv[1])) as connection:
+        _serve(connection, _SharedPixels(int(sys.argv[2])))

@@ -3,6 +3,7 @@
     nxtrec synth --out /tmp/tagbench/synth --n 2000 --val 0      # the 2,000 scenes (images/)
     python benchmarks/bench_tag.py --images /tmp/tagbench/synth/images
     python benchmarks/bench_tag.py --images ... --dtype float32 bfloat16 --rss-repeat 10
+    python benchmarks/bench_tag.py --images ... --processes 2     # tag --processes 2, and 'split'
     python benchmarks/bench_tag.py --images ... --only ceiling --profile    # where a batch's time goes
 
 Bundled demo model, CPU, one-shot top-k 10. Every measurement runs in its own process (so
@@ -10,19 +11,24 @@ its peak RSS is its own), one after the other, --rounds times in turns; the best
 each kind is reported (on a shared machine the speed of a run varies by tens of percent,
 and the best round is the least disturbed one):
   ceiling  the model alone: images decoded and preprocessed in memory beforehand, timed over
-           `predict_batch` calls of --batch-size;
-  tag      `nxtrec tag` on the files (its manifest's this-run time: loading the model and
-           listing the inputs excluded), same batch size;
+           `predict_batch` calls of --batch-size, in one process on torch's default threads
+           (torch is imported first, so OpenMP's threads spin while they wait: the model's
+           fastest setting on an idle machine; nxtrec itself makes them sleep);
+  split    with --processes N: the model alone as `nxtrec tag --processes N` runs it, N
+           processes on cores/N threads, each on its share of the images, started together;
+  tag      `nxtrec tag --processes N` on the files (its manifest's this-run time: loading the
+           model and listing the inputs excluded), same batch size;
   predict  a loop of `Recognizer.predict` over the files in batches of 8 (decoding in the
            main process, as `nxtrec predict` does);
-  rss      peak RSS of `nxtrec tag` over the files, and over a --list repeating them
-           --rss-repeat times (memory must not grow with the number of images).
+  rss      peak RSS of `nxtrec tag` (one process) over the files, and over a --list
+           repeating them --rss-repeat times (memory must not grow with the number of images).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,9 +39,13 @@ CHILD = "--child"
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS, or its largest child's (a rank of `tag --processes`) if larger."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+            return max(int(line.split()[1]) / 1024, children)
     return float("nan")
 
 
@@ -54,8 +64,13 @@ def child_ceiling(args) -> dict:
     from nxtrec.inference.recognizer import Recognizer
 
     rec = Recognizer.from_pretrained(None, dtype=args.dtype)
-    pixels = torch.cat([rec.pixels(chunk) for chunk in _chunks(_files(args.images, args.n), 256)])
+    files = _files(args.images, args.n)[args.share :: args.processes]
+    pixels = torch.cat([rec.pixels(chunk) for chunk in _chunks(files, 256)])
     rec.predict_batch(pixels[: args.batch_size], top_k=10)  # warm-up
+    if args.processes > 1:  # the shares start together
+        Path(args.barrier, str(args.share)).touch()
+        while len(list(Path(args.barrier).iterdir())) < args.processes:
+            time.sleep(0.01)
     profiler = None
     if args.profile:
         import cProfile
@@ -97,6 +112,8 @@ def child_tag(args) -> dict:
                 "--dtype", args.dtype, "--log-every", "1e9"]  # fmt: skip
         if args.workers is not None:
             argv += ["--workers", str(args.workers)]
+        if args.processes > 1:
+            argv += ["--processes", str(args.processes)]
         if main(argv) != 0:
             sys.exit("nxtrec tag failed")
         run = json.loads((out / "manifest.json").read_text())["this_run"]
@@ -107,17 +124,37 @@ def _chunks(items: list, size: int):
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def measure(args, kind: str, dtype: str, repeat: int = 1) -> dict:
+def measure(args, kind: str, dtype: str, repeat: int = 1, processes: int | None = None) -> dict:
     cmd = [sys.executable, __file__, CHILD, kind, "--images", args.images, "--n", str(args.n), "--dtype", dtype,
            "--batch-size", str(args.batch_size), "--repeat", str(repeat)]  # fmt: skip
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     if args.profile:
         cmd.append("--profile")
+    if kind == "split":
+        return _measure_split(args, cmd)
+    if kind == "tag":
+        cmd += ["--processes", str(processes or args.processes)]
     lines = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()
     result = json.loads(lines[-1])
     result["images_per_s"] = result["images"] / result["seconds"]
     return result
+
+
+def _measure_split(args, cmd: list[str]) -> dict:
+    """The model alone as `nxtrec tag --processes N` runs it: N processes on cores/N threads,
+    each on its share of the images, started together."""
+    cmd[cmd.index("split")] = "ceiling"
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.processes)))
+    with tempfile.TemporaryDirectory() as barrier:
+        shares = [subprocess.Popen([*cmd, "--processes", str(args.processes), "--share", str(r), "--barrier", barrier],
+                                   stdout=subprocess.PIPE, text=True, env=env) for r in range(args.processes)]  # fmt: skip
+        results = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in shares]
+    if any(proc.returncode for proc in shares):
+        sys.exit("a share of the split ceiling failed")
+    images, seconds = sum(r["images"] for r in results), max(r["seconds"] for r in results)
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "peak_rss_mb": sum(r["peak_rss_mb"] for r in results)}
 
 
 def main() -> None:
@@ -129,17 +166,25 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="nxtrec tag --workers (default: its own)")
     p.add_argument("--rounds", type=int, default=3, help="measurements of each kind, in turns; the best is reported")
     p.add_argument("--rss-repeat", type=int, default=0, help="also measure peak RSS over the files repeated this many times")
-    p.add_argument("--only", nargs="*", default=["ceiling", "tag", "predict"], choices=["ceiling", "tag", "predict"])
+    p.add_argument("--processes", type=int, default=1,
+                   help="nxtrec tag --processes; above 1, also the model alone split the same way ('split')")
+    p.add_argument("--only", nargs="*", default=["ceiling", "split", "tag", "predict"],
+                   choices=["ceiling", "split", "tag", "predict"])
     p.add_argument("--profile", action="store_true", help="print the ceiling run's cProfile top functions")
     p.add_argument(CHILD, dest="child", choices=["ceiling", "tag", "predict"], help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--barrier", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.dtype = args.dtype[0]
         result = {"ceiling": child_ceiling, "tag": child_tag, "predict": child_predict}[args.child](args)
         print(json.dumps({**result, "peak_rss_mb": _peak_rss_mb()}))
         return
-    print(f"{args.n} images from {args.images}, bundled demo model, top-k 10, batch {args.batch_size}, CPU")
+    if args.processes == 1 and "split" in args.only:
+        args.only.remove("split")
+    print(f"{args.n} images from {args.images}, bundled demo model, top-k 10, batch {args.batch_size}, CPU, "
+          f"tag --processes {args.processes}")  # fmt: skip
     for dtype in args.dtype:
         rounds = [{kind: measure(args, kind, dtype) for kind in args.only} for _ in range(args.rounds)]
         results = {kind: max((r[kind] for r in rounds), key=lambda r: r["images_per_s"]) for kind in args.only}
@@ -149,13 +194,16 @@ def main() -> None:
         for kind, r in results.items():
             print(f"{dtype:9s} {kind:8s} {r['images_per_s']:7.1f} images/s  ({r['images']} in {r['seconds']:.1f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB)")  # fmt: skip
-        if "ceiling" in results and "tag" in results:
-            print(f"{dtype:9s} tag / ceiling {results['tag']['images_per_s'] / results['ceiling']['images_per_s']:.1%}")
+        for ceiling in ("ceiling", "split"):
+            if ceiling in results and "tag" in results:
+                print(f"{dtype:9s} tag / {ceiling} {results['tag']['images_per_s'] / results[ceiling]['images_per_s']:.1%}")
         if "predict" in results and "tag" in results:
             print(f"{dtype:9s} tag / predict loop {results['tag']['images_per_s'] / results['predict']['images_per_s']:.2f}x")
     if args.rss_repeat:
-        small, big = measure(args, "tag", args.dtype[0]), measure(args, "tag", args.dtype[0], args.rss_repeat)
-        print(f"peak RSS of nxtrec tag: {small['peak_rss_mb']:.0f} MB for {small['images']} images, "
+        # one process: with --processes the ranks are other processes than the one measured
+        small = measure(args, "tag", args.dtype[0], processes=1)
+        big = measure(args, "tag", args.dtype[0], args.rss_repeat, processes=1)
+        print(f"peak RSS of nxtrec tag (one process): {small['peak_rss_mb']:.0f} MB for {small['images']} images, "
               f"{big['peak_rss_mb']:.0f} MB for {big['images']} ({big['peak_rss_mb'] / small['peak_rss_mb'] - 1:+.1%})")
 
 

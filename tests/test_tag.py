@@ -198,13 +198,17 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(tiny_mod
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_give_the_records_of_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "--processes"])
+def test_two_processes_give_the_records_of_one(launcher, tiny_model_dir, tmp_path):
     images = _collection(tmp_path / "imgs", n=7)
     args = [images, "--model", tiny_model_dir, "--top-k", "3", "--batch-size", "2", "--part-size", "2", "--workers", "1"]
     assert main(["tag", *map(str, args), "--out", str(tmp_path / "one")]) == 1
-    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "nxtrec.cli.main", "tag",
-           *map(str, args), "--out", str(tmp_path / "two")]  # fmt: skip
-    subprocess.run(cmd, check=False, capture_output=True, timeout=300, env=ONE_THREAD_ENV)  # exit code 1: the corrupt image
+    if launcher == "torchrun":
+        cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "nxtrec.cli.main", "tag",
+               *map(str, args), "--out", str(tmp_path / "two")]  # fmt: skip
+        subprocess.run(cmd, check=False, capture_output=True, timeout=300, env=ONE_THREAD_ENV)  # exit code 1: the corrupt image
+    else:  # nxtrec starts the two ranks itself; exit code 1: the corrupt image
+        assert main(["tag", *map(str, args), "--out", str(tmp_path / "two"), "--processes", "2"]) == 1
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["id"] for r in two] == [r["id"] for r in one]
     for a, b in zip(one, two):
@@ -213,6 +217,14 @@ def test_torchrun_two_processes_give_the_records_of_one(tiny_model_dir, tmp_path
     assert manifest["world_size"] == 2 and manifest["status"] == "complete"
     assert manifest["counts"] == json.loads((tmp_path / "one" / "manifest.json").read_text())["counts"]
     assert _errors(tmp_path / "two") == _errors(tmp_path / "one")
+
+
+def test_processes_refuse_onnx_and_report_a_failing_rank(tiny_model_dir, tmp_path, capsys):
+    images = _collection(tmp_path / "imgs", n=2)
+    assert main(["tag", str(images), "--out", str(tmp_path / "a"), "--onnx", str(tmp_path), "--processes", "2"]) == 2
+    assert "--onnx runs in one process" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["tag", str(images), "--out", str(tmp_path / "b"), "--model", str(tmp_path / "empty"), "--processes", "2"]) == 2
 
 
 def test_tag_list_constrains_the_records(tiny_model_dir, tmp_path):

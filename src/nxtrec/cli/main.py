@@ -51,6 +51,7 @@ def _run_command(argv) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed in one line
         return int(e.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `tag --processes` runs it again per rank
     try:
         return int(args.func(args) or 0)
     except (NxtrecError, ModuleNotFoundError) as e:

@@ -39,6 +39,9 @@ def register(sub) -> None:
     # without taking many cores from the model.
     p.add_argument("--workers", type=positive_int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
                    help="image decoding processes")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="ranks on this machine, each with every N-th part on cores/N threads (CPU: faster than "
+                        "one process with N times the threads; --device cuda: one GPU each)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (torchrun: each rank its own GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out (else a rerun resumes)")
@@ -50,8 +53,13 @@ def register(sub) -> None:
 def run(args) -> int:
     from nxtrec.tagging.job import TagOptions, run_tag
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    summary = run_tag(TagOptions(**options))
+    options = TagOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "func", "argv")})
+    if options.processes > 1 and "WORLD_SIZE" not in os.environ:
+        from nxtrec.tagging.launch import run_ranks
+
+        options.validate()
+        return run_ranks(args.argv, options.processes)
+    summary = run_tag(options)
     if summary.counts:  # rank 0
         print(f"nxtrec tag: {summary.line()}", file=sys.stderr)
         return 1 if summary.counts["failed"] else 0

@@ -36,6 +36,7 @@ class TagOptions:
     batch_size: int = 32
     part_size: int = 1000
     workers: int = 2
+    processes: int = 1  # ranks started by `nxtrec tag --processes` (nxtrec.tagging.launch)
     device: str = "cpu"
     dtype: str = "float32"
     overwrite: bool = False
@@ -64,6 +65,8 @@ class TagOptions:
             raise NxtrecError("--workers and --extra-k cannot be negative")
         if self.model and self.onnx:
             raise NxtrecError("give either --model or --onnx, not both")
+        if self.onnx and self.processes > 1:
+            raise NxtrecError("--onnx runs in one process; use the PyTorch path (--model) with --processes")
         if self.maps and (self.onnx or self.fmt != "jsonl"):
             raise NxtrecError("--maps needs the PyTorch path (--model, not --onnx) and --format jsonl")
 
@@ -190,8 +193,12 @@ def run_tag(opts: TagOptions) -> TagSummary:
         num_parts = -(-len(items) // opts.part_size)
         done = output.done_parts()
         mine = [p for p in range(ranks.rank, num_parts, ranks.world) if p not in done]
-        initial = sum(min((p + 1) * opts.part_size, len(items)) - p * opts.part_size for p in done if p < num_parts)
-        progress = Progress(len(items), initial, enabled=ranks.rank == 0, log_every=opts.log_every)
+        part_images = [min((p + 1) * opts.part_size, len(items)) - p * opts.part_size for p in range(num_parts)]
+        if ranks.world == 1:
+            progress = Progress(len(items), sum(part_images[p] for p in done if p < num_parts), log_every=opts.log_every)
+        else:  # rank 0 shows its own share: the ranks' shares differ by at most a part
+            progress = Progress(sum(part_images[p] for p in mine), 0, enabled=ranks.rank == 0,
+                                log_every=opts.log_every, desc=f"tag (rank 0 of {ranks.world})")
         start = time.monotonic()
         try:
             _tag_parts(engine, items, mine, opts, output, progress)

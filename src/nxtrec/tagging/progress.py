@@ -13,8 +13,10 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, initial: int, enabled: bool = True, log_every: float = 30.0, stream=None):
+    def __init__(self, total: int, initial: int, enabled: bool = True, log_every: float = 30.0, stream=None,
+                 desc: str = "tag"):
         self.stream = stream or sys.stderr
+        self.desc = desc
         self.total, self.done, self.failed = total, initial, 0
         self.start = self.last_log = time.monotonic()
         self.new = 0  # images done by this run
@@ -24,7 +26,7 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="img", desc="tag", dynamic_ncols=True, file=self.stream)
+            self.bar = tqdm(total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True, file=self.stream)
 
     def update(self, images: int, failed: int) -> None:
         self.done += images
@@ -46,7 +48,7 @@ class Progress:
     def line(self) -> str:
         rate = self.rate()
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        return (f"tag: {self.done}/{self.total} images, {rate:.1f} images/s, "
+        return (f"{self.desc}: {self.done}/{self.total} images, {rate:.1f} images/s, "
                 f"ETA {_duration(eta)}, {self.failed} failed")  # fmt: skip
 
     def close(self) -> None:

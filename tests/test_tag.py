@@ -223,6 +223,8 @@ def test_processes_refuse_onnx_and_report_a_failing_rank(tiny_model_dir, tmp_pat
     images = _collection(tmp_path / "imgs", n=2)
     assert main(["tag", str(images), "--out", str(tmp_path / "a"), "--onnx", str(tmp_path), "--processes", "2"]) == 2
     assert "--onnx runs in one process" in capsys.readouterr().err
+    assert main(["tag", "--list", "-", "--out", str(tmp_path / "c"), "--processes", "2"]) == 2
+    assert "--processes cannot share standard input" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["tag", str(images), "--out", str(tmp_path / "b"), "--model", str(tmp_path / "empty"), "--processes", "2"]) == 2
 

@@ -8,7 +8,8 @@ short message and waits (the GIL released) for the labels, which come back pickl
 
 The child ignores SIGINT and SIGTERM (a Ctrl-C or a service manager signals the whole
 process group): the server lets in-flight requests finish, then closes the engine. The
-child also ends when the pipe closes, so a killed server leaves no model process behind.
+child also ends when its connection closes, so a killed server leaves no model process
+behind.
 """
 
 from __future__ import annotations

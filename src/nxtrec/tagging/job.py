@@ -65,8 +65,10 @@ class TagOptions:
             raise NxtrecError("--workers and --extra-k cannot be negative")
         if self.model and self.onnx:
             raise NxtrecError("give either --model or --onnx, not both")
-        if self.onnx and self.processes > 1:
+        if self.processes > 1 and self.onnx:
             raise NxtrecError("--onnx runs in one process; use the PyTorch path (--model) with --processes")
+        if self.processes > 1 and self.list_file == "-":
+            raise NxtrecError("--processes cannot share standard input (--list -); write the list to a file")
         if self.maps and (self.onnx or self.fmt != "jsonl"):
             raise NxtrecError("--maps needs the PyTorch path (--model, not --onnx) and --format jsonl")
 

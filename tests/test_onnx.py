@@ -200,6 +200,20 @@ def test_onnx_rankings_and_extra_k_equal_pytorch(onnx_dir, model_dir, images):
                     assert abs(x.score - y.score) < 1e-4
 
 
+def test_served_onnx_model_process_equals_onnx_runtime(onnx_dir, images):
+    """`nxtrec serve --onnx`: the export loaded in the service's model process."""
+    from nxtrec.serving.model_process import start_engine_process
+
+    onnx_rec = OnnxRecognizer(onnx_dir)
+    pixels = onnx_rec.pixels(images[:3])
+    engine = start_engine_process(onnx=str(onnx_dir))
+    try:
+        assert engine.image_size == onnx_rec.image_size and not engine.supports_maps
+        _same_labels(engine.predict_arrays(pixels, 5, False), onnx_rec.predict_batch(pixels, top_k=5))
+    finally:
+        engine.close()
+
+
 def test_branch_lengths_vary(onnx_dir, images):
     """The test model really exercises early stops and the 19-token cap."""
     rec = OnnxRecognizer(onnx_dir)

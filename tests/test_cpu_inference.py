@@ -84,10 +84,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 64)
 
 def test_freed_activations_are_reused_not_faulted_in_again():
     """A batch of 64 after a first one takes its activations from memory glibc kept: without
-    `keep_freed_memory` each such batch cost ~800 page faults per image on this CPU."""
+    `keep_freed_memory` each such batch cost ~2,980 page faults per image on this machine,
+    with it 0 to ~100 (it varies from run to run)."""
     faults = float(subprocess.run([sys.executable, "-c", FAULTS_PER_IMAGE], check=True, capture_output=True,
                                   text=True).stdout)  # fmt: skip
-    assert faults < 100
+    assert faults < 300
 
 
 def test_the_users_allocator_settings_win(monkeypatch):

@@ -5,6 +5,8 @@
     python benchmarks/bench_tag.py --images ... --dtype float32 bfloat16 --rss-repeat 10
     python benchmarks/bench_tag.py --images ... --processes 2     # tag --processes 2, and 'split'
     python benchmarks/bench_tag.py --images ... --only ceiling --profile    # where a batch's time goes
+    python benchmarks/bench_tag.py --images ... --threads 1 --workers 1 --only ceiling tag
+                                   # the model on fewer threads than cores: is decoding hidden?
 
 Bundled demo model, CPU, one-shot top-k 10. Every measurement runs in its own process (so
 its peak RSS is its own), one after the other, --rounds times in turns; the best round of
@@ -12,10 +14,11 @@ each kind is reported (on a shared machine the speed of a run varies by tens of 
 and the best round is the least disturbed one):
   ceiling  the model alone: images decoded and preprocessed in memory beforehand, timed over
            `predict_batch` calls of --batch-size, in one process on torch's default threads
-           (torch is imported first, so OpenMP's threads spin while they wait: the model's
-           fastest setting on an idle machine; nxtrec itself makes them sleep);
+           or --threads (torch is imported first, so OpenMP's threads spin while they wait:
+           the model's fastest setting on an idle machine; nxtrec itself makes them sleep);
   split    with --processes N: the model alone as `nxtrec tag --processes N` runs it, N
-           processes on cores/N threads, each on its share of the images, started together;
+           processes on cores/N threads (or --threads), each on its share of the images,
+           started together;
   tag      `nxtrec tag --processes N` on the files (its manifest's this-run time: loading the
            model and listing the inputs excluded), same batch size;
   predict  a loop of `Recognizer.predict` over the files in batches of 8 (decoding in the
@@ -145,7 +148,8 @@ def _measure_split(args, cmd: list[str]) -> dict:
     """The model alone as `nxtrec tag --processes N` runs it: N processes on cores/N threads,
     each on its share of the images, started together."""
     cmd[cmd.index("split")] = "ceiling"
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.processes)))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.processes))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)  # as `nxtrec tag --processes` decides
     with tempfile.TemporaryDirectory() as barrier:
         shares = [subprocess.Popen([*cmd, "--processes", str(args.processes), "--share", str(r), "--barrier", barrier],
                                    stdout=subprocess.PIPE, text=True, env=env) for r in range(args.processes)]  # fmt: skip
@@ -168,6 +172,9 @@ def main() -> None:
     p.add_argument("--rss-repeat", type=int, default=0, help="also measure peak RSS over the files repeated this many times")
     p.add_argument("--processes", type=int, default=1,
                    help="nxtrec tag --processes; above 1, also the model alone split the same way ('split')")
+    p.add_argument("--threads", type=int,
+                   help="model threads per process (OMP_NUM_THREADS) in every measurement; fewer than the cores "
+                        "leaves the loader cores of its own")
     p.add_argument("--only", nargs="*", default=["ceiling", "split", "tag", "predict"],
                    choices=["ceiling", "split", "tag", "predict"])
     p.add_argument("--profile", action="store_true", help="print the ceiling run's cProfile top functions")
@@ -183,8 +190,11 @@ def main() -> None:
         return
     if args.processes == 1 and "split" in args.only:
         args.only.remove("split")
+    if args.threads:  # the children inherit it; `nxtrec tag --processes` keeps a given value
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    threads = f", {args.threads} model thread(s) per process" if args.threads else ""
     print(f"{args.n} images from {args.images}, bundled demo model, top-k 10, batch {args.batch_size}, CPU, "
-          f"tag --processes {args.processes}")  # fmt: skip
+          f"tag --processes {args.processes}{threads}")  # fmt: skip
     for dtype in args.dtype:
         rounds = [{kind: measure(args, kind, dtype) for kind in args.only} for _ in range(args.rounds)]
         results = {kind: max((r[kind] for r in rounds), key=lambda r: r["images_per_s"]) for kind in args.only}

@@ -223,13 +223,17 @@ def test_model_process_load_error_and_unexpected_end(scenes, tmp_path):
         engine.close()
 
 
-def test_two_model_processes_split_a_batch_and_give_the_same_labels(engine, scenes):
+def test_two_model_processes_split_a_batch_and_give_the_same_labels(engine, scenes, monkeypatch):
     from nxtrec.model.image import load_image
 
     before = set(model_processes(os.getpid()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins over cores/2
     pair = start_engine_process(processes=2)
     try:
-        assert len(set(model_processes(os.getpid())) - before) == 2
+        started = set(model_processes(os.getpid())) - before
+        assert len(started) == 2
+        for pid in started:
+            assert b"OMP_NUM_THREADS=3\0" in Path(f"/proc/{pid}/environ").read_bytes()
         pixels = np.stack([engine.preprocess(load_image(data)) for data in scenes[:3]])  # shares of 2 and 1
         for one, two in zip(engine.predict_arrays(pixels, 5, False), pair.predict_arrays(pixels, 5, False)):
             assert_same_labels([lab.to_dict() for lab in two], [lab.to_dict() for lab in one])

@@ -219,6 +219,18 @@ def test_two_processes_give_the_records_of_one(launcher, tiny_model_dir, tmp_pat
     assert _errors(tmp_path / "two") == _errors(tmp_path / "one")
 
 
+def test_threads_per_process_shares_the_cores_unless_the_user_chose(monkeypatch):
+    from nxtrec.inference.threads import threads_per_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [threads_per_process(n) for n in (1, 2, 3, 32)] == ["16", "8", "5", "1"]
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert threads_per_process(2) == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert threads_per_process(4) == "6"
+
+
 def test_processes_refuse_onnx_and_report_a_failing_rank(tiny_model_dir, tmp_path, capsys):
     images = _collection(tmp_path / "imgs", n=2)
     assert main(["tag", str(images), "--out", str(tmp_path / "a"), "--onnx", str(tmp_path), "--processes", "2"]) == 2

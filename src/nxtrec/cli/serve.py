@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=positive_int, default=32, help="most images in one request")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request (504 beyond)")
     p.add_argument("--processes", type=positive_int, default=1,
-                   help="model processes; each batch is split between them, each on cores/N threads (CPU)")
+                   help="model processes; each batch is split between them, each on cores/N threads or "
+                        "$OMP_NUM_THREADS (CPU)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (--model only)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     add_vocab_arguments(p, compat=False)

@@ -40,8 +40,8 @@ def register(sub) -> None:
     p.add_argument("--workers", type=positive_int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
                    help="image decoding processes")
     p.add_argument("--processes", type=positive_int, default=1,
-                   help="ranks on this machine, each with every N-th part on cores/N threads (CPU: faster than "
-                        "one process with N times the threads; --device cuda: one GPU each)")
+                   help="ranks on this machine, each with every N-th part on cores/N threads or $OMP_NUM_THREADS "
+                        "(CPU: faster than one process with N times the threads; --device cuda: one GPU each)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (torchrun: each rank its own GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out (else a rerun resumes)")

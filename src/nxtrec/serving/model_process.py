@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from nxtrec.errors import NxtrecError
+from nxtrec.inference.threads import threads_per_process
 from nxtrec.serving.engine import Engine, load_engine
 
 STOP = None  # the message that ends the child
@@ -48,10 +49,11 @@ def start_engine_process(model: str | None = None, onnx: str | None = None, devi
                          dtype: str = "float32", decode_options: dict | None = None, processes: int = 1) -> Engine:
     """`load_engine` in `processes` child processes; raises `NxtrecError` with a child's message
     when the model cannot be loaded. Each batch is split between them; with several, each
-    runs its share on cores/processes threads. A child is a fresh interpreter (`python -m`,
-    not multiprocessing's spawn, which would re-run the caller's main script)."""
+    runs its share on cores/processes threads (or $OMP_NUM_THREADS). A child is a fresh
+    interpreter (`python -m`, not multiprocessing's spawn, which would re-run the caller's
+    main script)."""
     load = {"model": model, "onnx": onnx, "device": device, "dtype": dtype, "decode_options": decode_options}
-    threads = max(1, (os.cpu_count() or 1) // processes) if processes > 1 else None
+    threads = threads_per_process(processes) if processes > 1 else None
     clients = [_Client.start(load, threads) for _ in range(processes)]  # they load at the same time
     pool = _Pool(clients)
     try:
@@ -112,11 +114,11 @@ class _Client:
         self.pixels_file = pixels_file
 
     @classmethod
-    def start(cls, load: dict, threads: int | None) -> _Client:
+    def start(cls, load: dict, threads: str | None) -> _Client:
         ours, theirs = socket.socketpair()
         pixels_file = tempfile.TemporaryFile(dir=SHM if os.path.isdir(SHM) else None)  # noqa: SIM115 - closed by close()
         fds = (theirs.fileno(), pixels_file.fileno())
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        env = dict(os.environ, **({"OMP_NUM_THREADS": threads} if threads else {}))
         with theirs:
             process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds, env=env)
         client = cls(Connection(ours.detach()), process, pixels_file)

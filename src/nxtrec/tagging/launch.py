@@ -1,5 +1,6 @@
 """`nxtrec tag --processes N`: the same command as N ranks on this machine, as torchrun would
-start them (RANK, WORLD_SIZE, MASTER_ADDR on loopback), each on cores/N threads.
+start them (RANK, WORLD_SIZE, MASTER_ADDR on loopback), each on cores/N threads (or
+$OMP_NUM_THREADS).
 
 Several single-threaded model processes beat one process with several threads on a CPU: a
 thread of a multi-threaded model waits for the others at every operation, and whenever
@@ -12,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from nxtrec.inference.threads import threads_per_process
 
 # exit codes of `nxtrec tag` that are results, not failures: 1 = some images could not be read
 RESULT_CODES = (0, 1)
@@ -28,7 +31,7 @@ def run_ranks(argv: list[str], processes: int) -> int:
     rank fails, the others are stopped (their finished parts are kept for a rerun)."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(processes),
                LOCAL_WORLD_SIZE=str(processes))  # fmt: skip
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    env["OMP_NUM_THREADS"] = threads_per_process(processes)
     ranks = [
         subprocess.Popen([sys.executable, "-m", "nxtrec", *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
         for r in range(processes)

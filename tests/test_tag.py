@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import datagen
+import numpy as np
 import pytest
+import torch
 
 from nxtrec.cli.main import main
 from nxtrec.inference.recognizer import Recognizer
@@ -189,12 +191,30 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(tiny_mod
         proc.wait()
         killed_midway += len(list(out.glob("part-*"))) < num_parts
     assert killed_midway >= 1
+    _assert_no_process_left(out)
     assert subprocess.run(_cli(*args, "--out", out), check=False, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV).returncode == 1
     assert _records(out) == _records(tmp_path / "ref")
     assert _errors(out) == _errors(tmp_path / "ref")
     assert json.loads((out / "manifest.json").read_text())["counts"] == json.loads(
         (tmp_path / "ref" / "manifest.json").read_text())["counts"]  # fmt: skip
     assert not list(out.glob("*.tmp")) and not list((out / ".tag").glob("*.tmp"))
+
+
+def _assert_no_process_left(out: Path, wait: float = 10.0) -> None:
+    """No process of a killed `nxtrec tag --out OUT` (its decoding workers) outlives it."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(out).encode() in (proc / "cmdline").read_bytes():
+                    left.append(proc.name)
+            except OSError:
+                continue  # ended meanwhile
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left behind: {left}"
 
 
 @pytest.mark.slow
@@ -217,6 +237,53 @@ def test_two_processes_give_the_records_of_one(launcher, tiny_model_dir, tmp_pat
     assert manifest["world_size"] == 2 and manifest["status"] == "complete"
     assert manifest["counts"] == json.loads((tmp_path / "one" / "manifest.json").read_text())["counts"]
     assert _errors(tmp_path / "two") == _errors(tmp_path / "one")
+
+
+def _loader(tmp_path, n: int = 11):
+    from nxtrec.model.image import CLIP_MEAN, CLIP_STD
+    from nxtrec.tagging.decode import Preprocess
+    from nxtrec.tagging.inputs import InputItem
+    from nxtrec.tagging.pipeline import batch_ranges
+    from nxtrec.tagging.prefetch import BatchDecoder
+
+    files = sorted(str(p) for p in _collection(tmp_path / "imgs", n).rglob("*.*"))
+    items = [InputItem(f, f) for f in files]
+    return BatchDecoder(items, batch_ranges(0, len(items), 2), Preprocess(32, CLIP_MEAN, CLIP_STD))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_loader_reuses_its_batch_buffers_without_mixing_batches(workers, tmp_path):
+    # 12 inputs in batches of 2 through a ring of 2 * workers + 1 slots: slots are reused
+    # while later batches are being decoded, and each batch must still be its own images.
+    from nxtrec.model.image import load_image, preprocess_array
+    from nxtrec.tagging.prefetch import prefetched_batches
+
+    decoder = _loader(tmp_path)
+    seen = []
+    for batch in prefetched_batches(decoder, workers, as_tensor=False):
+        good = [d for d in batch.items if d.error is None]
+        want = [preprocess_array(load_image(decoder.items[d.index].source), 32) for d in good]
+        assert batch.pixels is not None and np.array_equal(batch.pixels, np.stack(want))
+        seen += [d.index for d in batch.items]
+    assert seen == list(range(12))
+    batch = next(prefetched_batches(decoder, workers, as_tensor=True))
+    assert isinstance(batch.pixels, torch.Tensor) and batch.pixels.shape == (2, 3, 32, 32)
+
+
+def test_a_dying_decoding_worker_is_a_one_line_error(tmp_path, monkeypatch):
+    from nxtrec.errors import NxtrecError
+    from nxtrec.tagging import prefetch
+
+    decoder = _loader(tmp_path)
+    real = prefetch.decode
+    # the workers are forked, so they decode with this: the fifth input kills its worker
+    monkeypatch.setattr(prefetch, "decode", lambda i, *a, **k: os._exit(9) if i == 4 else real(i, *a, **k))
+    batches = prefetch.prefetched_batches(decoder, 1, as_tensor=False)
+    got = 0
+    with pytest.raises(NxtrecError, match="decoding worker process ended unexpectedly"):
+        for _ in batches:
+            got += 1
+    assert got <= 2  # the batches before the one that died
 
 
 def test_threads_per_process_shares_the_cores_unless_the_user_chose(monkeypatch):

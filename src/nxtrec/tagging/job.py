@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -16,7 +16,7 @@ from nxtrec.tagging.decode import Preprocess
 from nxtrec.tagging.inputs import InputItem, collect_inputs, inputs_digest
 from nxtrec.tagging.output import TagOutput
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
-from nxtrec.tagging.prefetch import Batch, BatchDecoder, pool_batches
+from nxtrec.tagging.prefetch import BatchDecoder, prefetched_batches
 from nxtrec.tagging.progress import Progress
 
 
@@ -100,8 +100,7 @@ class Ranks:
 class Engine:
     predict: Callable  # pixels [B, 3, S, S] -> ranked labels per image
     prep: Preprocess
-    batches: Callable[[BatchDecoder, int], Iterator[Batch]]
-    as_tensor: bool
+    as_tensor: bool  # the model takes torch tensors (else numpy arrays)
     name: str
 
 
@@ -122,7 +121,6 @@ class TagSummary:
 
 def _torch_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
     from nxtrec.inference.recognizer import Recognizer
-    from nxtrec.tagging.prefetch import torch_batches
 
     ranks, device = Ranks(), opts.device
     if "WORLD_SIZE" in os.environ:
@@ -145,7 +143,7 @@ def _torch_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
         return rec.predict_batch(pixels, top_k=opts.top_k, extra_k=opts.extra_k, maps=opts.maps, **opts.decode_options())
 
     prep = Preprocess(cfg.encoder.image_size, cfg.image_mean, cfg.image_std)
-    return Engine(predict, prep, torch_batches, True, f"pytorch {device} {opts.dtype}"), ranks
+    return Engine(predict, prep, True, f"pytorch {device} {opts.dtype}"), ranks
 
 
 def _onnx_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
@@ -159,7 +157,7 @@ def _onnx_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
         return rec.predict_batch(pixels, top_k=opts.top_k, extra_k=opts.extra_k, **opts.decode_options())
 
     prep = Preprocess(rec.image_size, rec.config.image_mean, rec.config.image_std)
-    return Engine(predict, prep, pool_batches, False, "onnxruntime cpu"), Ranks()
+    return Engine(predict, prep, False, "onnxruntime cpu"), Ranks()
 
 
 def _tag_parts(engine: Engine, items: list[InputItem], parts: list[int], opts: TagOptions,
@@ -169,7 +167,7 @@ def _tag_parts(engine: Engine, items: list[InputItem], parts: list[int], opts: T
     plan = [r for p in parts for r in batch_ranges(p * size, min((p + 1) * size, n), opts.batch_size)]
     if not plan:
         return
-    batches = engine.batches(BatchDecoder(items, plan, engine.prep, engine.as_tensor), opts.workers)
+    batches = prefetched_batches(BatchDecoder(items, plan, engine.prep), opts.workers, engine.as_tensor)
     results = tag_batches(engine.predict, items, batches, opts.min_prob, opts.max_labels)
     for p in parts:
         part = []

@@ -10,7 +10,7 @@ from itertools import islice
 from nxtrec.inference.ranking import Label, keep_labels
 from nxtrec.tagging.decode import Preprocess, image_name
 from nxtrec.tagging.inputs import InputItem
-from nxtrec.tagging.prefetch import Batch, BatchDecoder
+from nxtrec.tagging.prefetch import Batch, BatchDecoder, prefetched_batches
 
 # Recognizer.tag starts fresh loader workers for every this many images of its iterable.
 CHUNK_IMAGES = 1024
@@ -57,8 +57,6 @@ def tag_images(
 ) -> Iterator[TagResult]:  # fmt: skip
     """`Recognizer.tag`: results for any iterable of images (paths, bytes, PIL images), read
     lazily in chunks; ids are the paths, or positions for bytes and PIL images."""
-    from nxtrec.tagging.prefetch import torch_batches
-
     cfg = recognizer.config
     prep = Preprocess(cfg.encoder.image_size, cfg.image_mean, cfg.image_std)
 
@@ -68,6 +66,7 @@ def tag_images(
     images, offset = iter(images), 0
     while chunk := list(islice(images, CHUNK_IMAGES)):
         items = [InputItem(image_name(im, offset + i), im) for i, im in enumerate(chunk)]
-        decoder = BatchDecoder(items, batch_ranges(0, len(items), batch_size), prep, as_tensor=True)
-        yield from tag_batches(predict, items, torch_batches(decoder, num_workers), min_prob, max_labels)
+        decoder = BatchDecoder(items, batch_ranges(0, len(items), batch_size), prep)
+        batches = prefetched_batches(decoder, num_workers, as_tensor=True)
+        yield from tag_batches(predict, items, batches, min_prob, max_labels)
         offset += len(chunk)

@@ -1,73 +1,97 @@
 """Batches of decoded images, prepared in worker processes while the model runs.
 
-A plan is a list of index ranges (one batch each) into the input list. `BatchDecoder[b]`
-decodes batch b; the PyTorch path runs it in a torch DataLoader (tensors travel through
-shared memory), the ONNX path in a multiprocessing pool (no torch import). Both keep only a
-few batches in flight, so memory does not grow with the number of images."""
+A plan is a list of index ranges (one batch each) into the input list. Workers decode each
+batch straight into a slot of a ring of batch buffers: one shared memory mapping, made
+before the workers start and kept by all of them, so handing a batch to the model copies
+nothing and maps nothing. (A fresh shared-memory batch per hand-over cost the model's
+process ~0.6 ms of kernel time per image: mapping, faulting in and freeing its pages.) At
+most two batches per worker are in flight, so memory does not grow with the number of
+images. Torch-free: the PyTorch path only wraps the slot in a tensor."""
 
 from __future__ import annotations
 
 import math
+import mmap
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from nxtrec.errors import NxtrecError
 from nxtrec.tagging.decode import Decoded, Preprocess, decode
 from nxtrec.tagging.inputs import InputItem
+
+BATCHES_PER_WORKER = 2  # in flight while the model runs on the current batch
 
 
 @dataclass
 class Batch:
     items: list[Decoded]  # every input of the batch in order
-    pixels: Any | None  # the decoded images stacked [n, 3, S, S]; None when all failed
+    # The decoded images [n, 3, S, S] float32 (numpy, or a torch tensor); None when all
+    # failed. They live in the ring: valid until the next batch is asked for.
+    pixels: Any | None
 
 
 class BatchDecoder:
-    """Map-style dataset of whole batches (a DataLoader accepts any `__getitem__`/`__len__`)."""
+    """Decodes batch b of the plan into a given buffer."""
 
-    def __init__(self, items: Sequence[InputItem], plan: Sequence[range], prep: Preprocess, as_tensor: bool):
-        self.items, self.plan, self.prep, self.as_tensor = items, plan, prep, as_tensor
+    def __init__(self, items: Sequence[InputItem], plan: Sequence[range], prep: Preprocess):
+        self.items, self.plan, self.prep = items, plan, prep
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, b: int) -> Batch:
-        pixels, array = self._empty_batch(len(self.plan[b]))
+    def decode_into(self, b: int, out: np.ndarray) -> tuple[list[Decoded], int]:
+        """The batch's inputs in order, and how many were decoded: those are out[:good]."""
         decoded, good = [], 0
         for i in self.plan[b]:
-            decoded.append(decode(i, self.items[i].id, self.items[i].source, self.prep, out=array[good]))
+            decoded.append(decode(i, self.items[i].id, self.items[i].source, self.prep, out=out[good]))
             good += decoded[-1].error is None
-        return Batch(decoded, pixels[:good] if good else None)
-
-    def _empty_batch(self, n: int):
-        """The batch and a numpy view of it: images are preprocessed straight into it. A torch
-        batch is allocated in shared memory, so that handing it to the model process copies
-        nothing."""
-        shape = (n, 3, self.prep.size, self.prep.size)
-        if not self.as_tensor:
-            array = np.empty(shape, dtype=np.float32)
-            return array, array
-        import torch
-        from torch.utils.data import get_worker_info
-
-        if get_worker_info() is None:
-            tensor = torch.empty(shape, dtype=torch.float32)
-        else:  # in a loader worker: shared memory, as torch's own default_collate allocates it
-            empty = torch.empty(0, dtype=torch.float32)
-            tensor = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
-        return tensor, tensor.numpy()
+        return decoded, good
 
 
-def _whole_batch(batch):
-    return batch
+class _Ring:
+    """`slots` batch buffers in one anonymous shared mapping, which forked workers inherit."""
+
+    def __init__(self, slots: int, batch_size: int, size: int):
+        shape = (slots, batch_size, 3, size, size)
+        self.array = np.frombuffer(mmap.mmap(-1, 4 * math.prod(shape)), dtype=np.float32).reshape(shape)
 
 
-def _lower_priority(_worker_id: int = 0) -> None:
+_WORKER: tuple[BatchDecoder, _Ring] | None = None
+
+
+def _init_worker(decoder: BatchDecoder, ring: _Ring, parent: int) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
+    _lower_priority()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    _WORKER = (decoder, ring)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """An idle worker waits for work that only the main process sends: when that process is
+    killed (kill -9), end instead of waiting forever, as torch's DataLoader workers do."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _decode_in_worker(b: int, slot: int) -> tuple[list[Decoded], int]:
+    decoder, ring = _WORKER
+    return decoder.decode_into(b, ring.array[slot])
+
+
+def _lower_priority() -> None:
     """Decoding yields the cores to the model's threads, which stall whenever one of them is
     descheduled: at SCHED_IDLE a worker runs only on a core that has nothing else to do
     (measured ~8% more images/s than at nice 10 on 2 cores); when the model waits for a
@@ -78,39 +102,48 @@ def _lower_priority(_worker_id: int = 0) -> None:
         os.nice(10)
 
 
-def torch_batches(decoder: BatchDecoder, workers: int) -> Iterator[Batch]:
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(
-        decoder, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_whole_batch,
-        prefetch_factor=2 if workers else None, worker_init_fn=_lower_priority,
-    )  # fmt: skip
-    yield from loader
-
-
-_POOL_DECODER: BatchDecoder | None = None
-
-
-def _init_pool_worker(decoder: BatchDecoder) -> None:
-    global _POOL_DECODER
-    _lower_priority()
-    _POOL_DECODER = decoder
-
-
-def _decode_in_pool(b: int) -> Batch:
-    return _POOL_DECODER[b]
-
-
-def pool_batches(decoder: BatchDecoder, workers: int) -> Iterator[Batch]:
-    """In order, with at most 2 batches per worker in flight (Pool.imap would queue them all)."""
-    if workers == 0:
-        yield from (decoder[b] for b in range(len(decoder)))
+def prefetched_batches(decoder: BatchDecoder, workers: int, as_tensor: bool) -> Iterator[Batch]:
+    """The batches of the plan in order, decoded by `workers` processes (0: here, on demand);
+    `as_tensor` gives the pixels as torch tensors."""
+    if not len(decoder):
         return
-    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(decoder,)) as pool:
+    ahead = BATCHES_PER_WORKER * workers
+    # the batch being used, plus those in flight; slot b % slots is free again once the
+    # batch that used it before has been handed out and the next one asked for
+    ring = _Ring(ahead + 1, max(map(len, decoder.plan)), decoder.prep.size)
+    wrap = _as_tensor if as_tensor else (lambda array: array)
+
+    def batch(slot: int, decoded: list[Decoded], good: int) -> Batch:
+        return Batch(decoded, wrap(ring.array[slot, :good]) if good else None)
+
+    if workers == 0:
+        for b in range(len(decoder)):
+            yield batch(0, *decoder.decode_into(b, ring.array[0]))
+        return
+    context = multiprocessing.get_context("fork")  # the workers inherit the ring's mapping
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(decoder, ring, os.getpid()))
+    try:
         pending: deque = deque()
         for b in range(len(decoder)):
-            pending.append(pool.apply_async(_decode_in_pool, (b,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+            slot = b % len(ring.array)
+            pending.append((slot, pool.submit(_decode_in_worker, b, slot)))
+            if len(pending) > ahead:
+                yield batch(*_decoded(*pending.popleft()))
         while pending:
-            yield pending.popleft().get()
+            yield batch(*_decoded(*pending.popleft()))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decoded(slot: int, future) -> tuple[int, list[Decoded], int]:
+    try:
+        return slot, *future.result()
+    except BrokenProcessPool:
+        raise NxtrecError("an image decoding worker process ended unexpectedly (killed, or out of memory?); "
+                          "the parts written so far are kept: run the command again to resume") from None
+
+
+def _as_tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(array)

@@ -107,6 +107,8 @@ def prefetched_batches(decoder: BatchDecoder, workers: int, as_tensor: bool) -> 
     `as_tensor` gives the pixels as torch tensors."""
     if not len(decoder):
         return
+    if "fork" not in multiprocessing.get_all_start_methods():  # Windows: decode here instead
+        workers = 0
     ahead = BATCHES_PER_WORKER * workers
     # the batch being used, plus those in flight; slot b % slots is free again once the
     # batch that used it before has been handed out and the next one asked for

@@ -148,8 +148,10 @@ def _measure_split(args, cmd: list[str]) -> dict:
     """The model alone as `nxtrec tag --processes N` runs it: N processes on cores/N threads,
     each on its share of the images, started together."""
     cmd[cmd.index("split")] = "ceiling"
+    # nxtrec.inference.threads.threads_per_process's rule, not imported: importing nxtrec here
+    # would set OMP_WAIT_POLICY for every child, the spinning ceiling included
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.processes))
-    env = dict(os.environ, OMP_NUM_THREADS=threads)  # as `nxtrec tag --processes` decides
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
     with tempfile.TemporaryDirectory() as barrier:
         shares = [subprocess.Popen([*cmd, "--processes", str(args.processes), "--share", str(r), "--barrier", barrier],
                                    stdout=subprocess.PIPE, text=True, env=env) for r in range(args.processes)]  # fmt: skip

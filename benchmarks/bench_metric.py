@@ -12,8 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nxtrec.evaluation.embedders import MiniLMEmbedder
 from nxtrec.evaluation.metric import score_records
+from nxtrec.model.embedders import MiniLMEmbedder
 from nxtrec.model.presets import _NOUNS
 
 

@@ -137,9 +137,10 @@ def child_run(args) -> dict:
             one_shot(model, model.encode_images(pixels), prompt, 2, delim, steps=1)
         res["threads"] = torch.get_num_threads()
     else:
-        from nxtrec.onnx.runtime import OnnxRecognizer
+        from nxtrec.onnx.recognizer import OnnxRecognizer
 
-        rec = OnnxRecognizer(args.dir, threads=args.threads, cache=args.cache or "shared")
+        rec = OnnxRecognizer(args.dir, threads=args.threads)
+        dec = rec.decoder
         res["load"] = time.perf_counter() - t0
         pixels = rec.pixels([args.image])
         released = rec.layout == "released"
@@ -149,21 +150,21 @@ def child_run(args) -> dict:
             yield "encoder", None
             x = rec.prefix_embeddings(tokens)
             if released:
-                logits = rec.run_released(x)
+                logits = dec.run(x)
             else:
-                logits, kv = rec.prefill(x)
+                logits, kv = dec.prefill(x)
             yield "prefix", None
             if released:
-                yield "continuation", rec.one_shot_no_cache(tokens, args.k, steps=args.steps, prefix_logits=logits)
+                yield "continuation", dec.one_shot(x, args.k, steps=args.steps, prefix_logits=logits)
             else:
-                yield "continuation", rec.continue_branches(logits, kv, x.shape[1], args.k, steps=args.steps)
+                yield "continuation", dec.continue_branches(logits, kv, x.shape[1], args.k, steps=args.steps)
 
         x = rec.prefix_embeddings(rec.encode(pixels))  # warm-up
         if released:
-            rec.run_released(x)
+            dec.run(x)
         else:
-            logits, kv = rec.prefill(x)
-            rec.continue_branches(logits, kv, x.shape[1], 2, steps=1)
+            logits, kv = dec.prefill(x)
+            dec.continue_branches(logits, kv, x.shape[1], 2, steps=1)
         res["threads"] = args.threads or "ort default"
     repeats = int(args.repeat or 1)
     res["repeats"] = repeats
@@ -197,7 +198,7 @@ def child_labels(args) -> dict:
             torch.set_num_threads(args.threads)
         rec = Recognizer.from_pretrained(args.dir, dtype=args.dtype or "float32")
     else:
-        from nxtrec.onnx.runtime import OnnxRecognizer
+        from nxtrec.onnx.recognizer import OnnxRecognizer
 
         rec = OnnxRecognizer(args.dir, threads=args.threads)
     images = list_images([args.images])
@@ -267,13 +268,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="intra-op threads for every path (default: each library's choice)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions per path, fastest kept "
                    "(the released layout runs once: one repetition takes minutes at full size)")
-    p.add_argument("--paths", default="torch,onnx,onnx-repeat,onnx-int8,released",
-                   help="comma-separated subset of torch,torch-int8,torch-bf16,onnx,onnx-repeat,onnx-int8,released")
+    p.add_argument("--paths", default="torch,onnx,onnx-int8,released",
+                   help="comma-separated subset of torch,torch-int8,torch-bf16,onnx,onnx-int8,released")
     p.add_argument("--no-overlap", action="store_true", help="skip the int8/bf16 label-overlap measurement")
     p.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help="use this model directory (e.g. converted real weights) instead of a random one")
-    for hidden in ("dir", "src", "kind", "cache", "k", "images", "dtype"):
+    for hidden in ("dir", "src", "kind", "k", "images", "dtype"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -321,9 +322,8 @@ def main(argv=None) -> int:
     save()
 
     runs = {"torch": dict(kind="torch", dir=model), "torch-int8": dict(kind="torch", dir=model, dtype="int8"),
-            "torch-bf16": dict(kind="torch", dir=model, dtype="bfloat16"), "onnx": dict(kind="onnx", dir=onnx, cache="shared"),
-            "onnx-repeat": dict(kind="onnx", dir=onnx, cache="repeat"),
-            "onnx-int8": dict(kind="onnx", dir=int8, cache="shared"), "released": dict(kind="onnx", dir=released)}
+            "torch-bf16": dict(kind="torch", dir=model, dtype="bfloat16"), "onnx": dict(kind="onnx", dir=onnx),
+            "onnx-int8": dict(kind="onnx", dir=int8), "released": dict(kind="onnx", dir=released)}
     for name in paths:
         print(f"[run {name}] k={args.top_k} steps={args.steps} ...", flush=True)
         res = spawn("run", image=args.image, k=args.top_k, steps=args.steps, threads=args.threads,
@@ -339,8 +339,8 @@ def main(argv=None) -> int:
         pairs = [pair for pair in OVERLAP_PAIRS if pair[1] in paths or pair == OVERLAP_PAIRS[0]]
         for name in dict.fromkeys(name for pair in pairs for name in pair):
             print(f"[labels {name}] top-{args.top_k} on {folder} ...", flush=True)
-            kw = {k: v for k, v in runs[name].items() if k != "cache"}
-            results.setdefault("labels", {})[name] = spawn("labels", images=folder, k=args.top_k, threads=args.threads, **kw)
+            results.setdefault("labels", {})[name] = spawn("labels", images=folder, k=args.top_k, threads=args.threads,
+                                                           **runs[name])
             save()
     print()
     print(report(results))

@@ -25,6 +25,11 @@ and the best round is the least disturbed one):
            main process, as `nxtrec predict` does);
   rss      peak RSS of `nxtrec tag` (one process) over the files, and over a --list
            repeating them --rss-repeat times (memory must not grow with the number of images).
+
+A busy machine: `--cpus 0 --busy 1` runs every measurement on CPU 0 only, beside one other
+process that spins on the same CPU for as long as the measurements last (it is ended with
+them). Compare `tag` and `predict` with and without `--busy 1`: each should keep about half
+its idle speed, its fair share of the CPU.
 """
 
 from __future__ import annotations
@@ -127,9 +132,18 @@ def _chunks(items: list, size: int):
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _busy_loops(count: int, cpus: list[int] | None) -> list[subprocess.Popen]:
+    """Processes that spin on `cpus` (normal priority) until killed."""
+    spin = "import os, sys\nif sys.argv[1]: os.sched_setaffinity(0, map(int, sys.argv[1].split(',')))\nwhile True: pass"
+    arg = ",".join(map(str, cpus)) if cpus else ""
+    return [subprocess.Popen([sys.executable, "-c", spin, arg]) for _ in range(count)]
+
+
 def measure(args, kind: str, dtype: str, repeat: int = 1, processes: int | None = None) -> dict:
     cmd = [sys.executable, __file__, CHILD, kind, "--images", args.images, "--n", str(args.n), "--dtype", dtype,
            "--batch-size", str(args.batch_size), "--repeat", str(repeat)]  # fmt: skip
+    if args.cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, args.cpus)), *cmd]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     if args.profile:
@@ -180,6 +194,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=["ceiling", "split", "tag", "predict"],
                    choices=["ceiling", "split", "tag", "predict"])
     p.add_argument("--profile", action="store_true", help="print the ceiling run's cProfile top functions")
+    p.add_argument("--cpus", type=int, nargs="+", help="run every measurement on these CPUs only (taskset)")
+    p.add_argument("--busy", type=int, default=0, help="processes spinning on --cpus while the measurements run")
     p.add_argument(CHILD, dest="child", choices=["ceiling", "tag", "predict"], help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
@@ -195,8 +211,19 @@ def main() -> None:
     if args.threads:  # the children inherit it; `nxtrec tag --processes` keeps a given value
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     threads = f", {args.threads} model thread(s) per process" if args.threads else ""
+    where = f", on CPUs {args.cpus}" if args.cpus else ""
     print(f"{args.n} images from {args.images}, bundled demo model, top-k 10, batch {args.batch_size}, CPU, "
-          f"tag --processes {args.processes}{threads}")  # fmt: skip
+          f"tag --processes {args.processes}{threads}{where}, {args.busy} busy process(es) beside")  # fmt: skip
+    busy = _busy_loops(args.busy, args.cpus)
+    try:
+        report(args)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def report(args) -> None:
     for dtype in args.dtype:
         rounds = [{kind: measure(args, kind, dtype) for kind in args.only} for _ in range(args.rounds)]
         results = {kind: max((r[kind] for r in rounds), key=lambda r: r["images_per_s"]) for kind in args.only}

@@ -17,12 +17,12 @@ import torch
 
 from nxtrec.data.loader import build_loader
 from nxtrec.data.synth import CATEGORIES
-from nxtrec.evaluation.embedders import MiniLMEmbedder
 from nxtrec.evaluation.evaluate import predict_records, score
 from nxtrec.inference.mapping import DEFAULT_MAP_THRESHOLD, LabelMapper
 from nxtrec.inference.ranking import Label
 from nxtrec.inference.recognizer import Recognizer
 from nxtrec.inference.vocab import LabelList
+from nxtrec.model.embedders import MiniLMEmbedder
 
 CATEGORY_OF = {form: c.name for c in CATEGORIES for form in (c.name, *c.synonyms)}
 

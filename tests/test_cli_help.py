@@ -13,8 +13,8 @@ import torch
 from nxtrec.cli.help import DefaultsHelpFormatter
 from nxtrec.cli.main import build_parser, main
 from nxtrec.cli.predict import DEMO_NOTICE
-from nxtrec.evaluation.embedders import MiniLMEmbedder
 from nxtrec.model.convert import load_clip
+from nxtrec.model.embedders import MiniLMEmbedder
 from nxtrec.training.config import CONFIG_DIR
 
 SCENE = str(Path(__file__).resolve().parents[1] / "examples" / "scene.jpg")

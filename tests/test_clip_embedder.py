@@ -11,13 +11,13 @@ import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from nxtrec.errors import NxtrecError
-from nxtrec.evaluation.embedders import (
+from nxtrec.evaluation.metric import score_records
+from nxtrec.model.embedders import (
     CLIPEmbedder,
     CLIPTextEncoder,
     clip_byte_alphabet,
     clip_tokenizer,
 )
-from nxtrec.evaluation.metric import score_records
 
 MERGES = ["d o", "do g</w>", "c a", "ca t</w>", "h o", "ho t</w>", "a p", "p l", "ap pl", "appl e</w>"]
 WIDTH, LAYERS, EMBED_DIM, CONTEXT = 128, 2, 32, 77

@@ -4,8 +4,11 @@ the real test photos within the tolerance documented in README ("Speed on the CP
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +99,65 @@ def test_the_users_allocator_settings_win(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert keep_freed_memory() is False
+
+
+# oneDNN's own switch: an AVX-512 machine then has the kernels of an AVX2-only one (no
+# bfloat16 inner product), so this machine's CI covers the most common cloud CPUs too.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+SCENE = str(Path(__file__).resolve().parents[1] / "examples" / "scene.jpg")
+
+
+def _run(args, env=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_cpu_dtype_tests_pass_with_onednn_limited_to_avx2():
+    """This file's dtype tests and the CLI's bfloat16 run again where oneDNN has AVX2 only."""
+    here = os.path.dirname(__file__)
+    proc = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not avx2 and not allocator and not freed",
+                 os.path.join(here, "test_cpu_inference.py"),
+                 os.path.join(here, "test_cli.py") + "::test_predict_with_other_samplers_and_bfloat16"], AVX2_ONLY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+PROBE_AVX2 = """
+import json, torch
+from nxtrec.inference.cpu import OneDnnLinear, onednn_linear_works
+from nxtrec.inference.recognizer import Recognizer
+bf16 = Recognizer.from_pretrained(None, dtype="bfloat16")
+Recognizer.from_pretrained(None, dtype="bfloat16")  # the note is printed once per process
+fp32 = Recognizer.from_pretrained(None)
+print(json.dumps({"bf16_onednn": isinstance(bf16.model.language_decoder.output, OneDnnLinear),
+                  "fp32_onednn": isinstance(fp32.model.language_decoder.output, OneDnnLinear),
+                  "probe_bf16": onednn_linear_works(torch.bfloat16)}))
+"""
+
+
+def test_bfloat16_on_avx2_falls_back_to_pytorch_with_one_note():
+    proc = _run(["-c", PROBE_AVX2], AVX2_ONLY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"bf16_onednn": False, "fp32_onednn": True, "probe_bf16": False}
+    notes = [line for line in proc.stderr.splitlines() if "bfloat16" in line]
+    assert len(notes) == 1 and "slower than float32" in notes[0] and "fastest dtype here is float32" in notes[0], proc.stderr
+
+
+def test_predict_bfloat16_on_avx2_gives_the_float32_top_label():
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        proc = _run(["-m", "nxtrec", "predict", SCENE, "--dtype", dtype, "--json"], AVX2_ONLY)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[dtype] = json.loads(proc.stdout)["labels"][0]["label"]
+    assert out["bfloat16"] == out["float32"] == "snake"
+
+
+def test_info_names_the_kernel_of_each_dtype_also_on_avx2():
+    native = json.loads(_run(["-m", "nxtrec", "info", "--json"]).stdout)
+    capped = json.loads(_run(["-m", "nxtrec", "info", "--json"], AVX2_ONLY).stdout)
+    assert native["torch"] and native["nxtrec"] and native["python"] and "avx2" in native["cpu"]["flags"]
+    assert set(native["kernels"]) == {"float32", "bfloat16", "float16", "int8"}
+    assert capped["kernels"]["bfloat16"].startswith("PyTorch") and capped["fastest_dtype"] == "float32"
+    assert capped["cpu"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    text = _run(["-m", "nxtrec", "info"]).stdout
+    assert "torch" in text and "--dtype bfloat16" in text and "fastest dtype here" in text

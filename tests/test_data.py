@@ -43,7 +43,7 @@ def loader(shards, **kw):
     return data_loader.build_loader(str(shards), **kw)
 
 
-def run_epoch(ld) -> list[data_loader.Batch]:
+def run_epoch(ld) -> list[data_loader.ShardBatch]:
     return list(ld)
 
 

@@ -94,7 +94,7 @@ def test_install_hints_name_the_extra_of_the_command():
 
 def test_import_runtime_and_cli_parser_without_torch():
     code = (
-        "import sys, nxtrec.onnx.runtime, nxtrec.cli.main\n"
+        "import sys, nxtrec.onnx.recognizer, nxtrec.cli.main\n"
         "nxtrec.cli.main.build_parser()\n"
         "from nxtrec import OnnxRecognizer\n"
         "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('torch', 'onnx', 'transformers', 'spacy')))\n"

@@ -1,4 +1,4 @@
-"""Labels from captions (DESIGN section 10): the cleaning rules, the spaCy backend on
+"""Labels from captions (docs/design.md#labels-from-captions): the cleaning rules, the spaCy backend on
 hand-checked captions, the noise-word fix and its compatibility switch, the NLTK backend's
 missing-data error, and the `nxtrec labels` command."""
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nxtrec.cli.evaluate import load_prediction_records
-from nxtrec.evaluation.embedders import MiniLMEmbedder
+from nxtrec.cli.score import load_prediction_records
 from nxtrec.evaluation.metric import score_records
+from nxtrec.model.embedders import MiniLMEmbedder
 
 RECORDS = [
     {"image": "a", "gt": ["dog", "frisbee", "grass", "park"], "pred": ["dog", "grass", "ball", "tree", "sky", "park", "man", "field", "toy", "lawn", "puppy"]},

@@ -3,7 +3,7 @@ only labels longer than 128 pieces embed differently."""
 
 import torch
 
-from nxtrec.evaluation.embedders import MAX_TOKENS, MiniLMEmbedder, build_embedder
+from nxtrec.model.embedders import MAX_TOKENS, MiniLMEmbedder, build_embedder
 
 
 def test_512_is_the_default_and_only_long_labels_change():

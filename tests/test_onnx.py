@@ -29,16 +29,19 @@ from nxtrec.inference.sampling import prefill
 from nxtrec.model.decoder import BranchRows
 from nxtrec.model.directory import load_model_dir, save_model_dir
 from nxtrec.onnx.export import export_onnx
-from nxtrec.onnx.graphs import kv_names
-from nxtrec.onnx.layout import DECODER_DATA, FILES, MANIFEST
+from nxtrec.onnx.format import DECODER_DATA, FILES, MANIFEST, kv_names
 from nxtrec.onnx.quantize import quantize_dir
 from nxtrec.onnx.released import export_released_layout_dir
-from nxtrec.onnx.runtime import (
-    OnnxRecognizer,
-    OnnxRuntimeError,
-    detect_layout,
-    predict_paths,
-)
+from nxtrec.inference.engine import DecodeOptions, predict_files
+from nxtrec.onnx.format import detect_layout
+from nxtrec.onnx.recognizer import OnnxRecognizer
+from nxtrec.onnx.sessions import OnnxRuntimeError
+
+
+def predict_paths(onnx_dir, paths, top_k, batch_size):
+    """(path, labels as dicts, None) or (path, None, error) per image."""
+    rows = predict_files(OnnxRecognizer(onnx_dir), paths, DecodeOptions(top_k=top_k), batch_size)
+    return [(path, labels and [lab.to_dict() for lab in labels], error) for path, labels, error in rows]
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -130,7 +133,7 @@ def test_export_layout_manifest_and_validation(onnx_dir, model_dir, tokenizer):
 def test_graphs_match_pytorch(onnx_dir, model_dir, tokenizer):
     """Prefill logits and keys/values; cached steps for 2 images x 3 branches (shared prefix
     per image, and one prefix copy per branch); the step graph used as the prefill."""
-    from nxtrec.onnx.runtime import make_session
+    from nxtrec.onnx.sessions import make_session
 
     model, _ = load_model_dir(model_dir)
     cfg, dec = model.config, model.language_decoder
@@ -178,9 +181,9 @@ def test_graphs_match_pytorch(onnx_dir, model_dir, tokenizer):
         tokens = want.argmax(-1)
 
 
-@pytest.mark.parametrize("k,cache,batch_size", [(1, "shared", 4), (5, "shared", 2), (20, "shared", 3), (20, "repeat", 4)])
-def test_onnx_labels_equal_pytorch(onnx_dir, model_dir, images, k, cache, batch_size):
-    ours = OnnxRecognizer(onnx_dir, cache=cache).predict(images, top_k=k, batch_size=batch_size)
+@pytest.mark.parametrize("k,batch_size", [(1, 4), (5, 2), (20, 3), (20, 4)])
+def test_onnx_labels_equal_pytorch(onnx_dir, model_dir, images, k, batch_size):
+    ours = OnnxRecognizer(onnx_dir).predict(images, top_k=k, batch_size=batch_size)
     ref = Recognizer.from_pretrained(model_dir).predict(images, top_k=k)
     _same_labels(ours, ref)
     assert all(1 <= len(labels) <= k for labels in ours)
@@ -208,8 +211,8 @@ def test_served_onnx_model_process_equals_onnx_runtime(onnx_dir, images):
     pixels = onnx_rec.pixels(images[:3])
     engine = start_engine_process(onnx=str(onnx_dir))
     try:
-        assert engine.image_size == onnx_rec.image_size and not engine.supports_maps
-        _same_labels(engine.predict_arrays(pixels, 5, False), onnx_rec.predict_batch(pixels, top_k=5))
+        assert engine.preprocessing == onnx_rec.preprocessing and not engine.capabilities.maps
+        _same_labels(engine.predict_batch(pixels, top_k=5), onnx_rec.predict_batch(pixels, top_k=5))
     finally:
         engine.close()
 
@@ -305,8 +308,9 @@ def test_onnx_path_runs_without_torch(onnx_dir, released_dir, images, tmp_path):
     code = f"""
 import sys, json
 sys.modules['torch'] = None  # any `import torch` now raises ImportError
-from nxtrec.onnx.runtime import predict_paths
-rows = list(predict_paths({str(onnx_dir)!r}, {images[:2] + [str(tmp_path / 'bad.jpg')]!r}, top_k=4, batch_size=2))
+from nxtrec.inference.engine import DecodeOptions, predict_files
+from nxtrec.onnx.recognizer import OnnxRecognizer
+rows = list(predict_files(OnnxRecognizer({str(onnx_dir)!r}), {images[:2] + [str(tmp_path / 'bad.jpg')]!r}, DecodeOptions(top_k=4), 2))
 assert [r[2] is None for r in rows] == [True, True, False], rows
 assert 'bad.jpg' in rows[2][2]
 from nxtrec.cli.main import main
@@ -397,7 +401,7 @@ def test_int8_quantization(onnx_dir, tmp_path, images):
     assert (q / DECODER_DATA).stat().st_size < 0.6 * (onnx_dir / DECODER_DATA).stat().st_size
     float_rec, int8_rec = OnnxRecognizer(onnx_dir), OnnxRecognizer(q)
     x = float_rec.prefix_embeddings(float_rec.encode(float_rec.pixels(images[:2])))
-    a, b = float_rec.prefill(x)[0], int8_rec.prefill(x)[0]
+    a, b = float_rec.decoder.prefill(x)[0], int8_rec.decoder.prefill(x)[0]
     # int8 weights perturb every logit a little (about 10% here, random tiny model), but the
     # logits must still follow the float ones closely.
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98

@@ -27,7 +27,8 @@ from PIL import Image
 from nxtrec.serving.app import ServeConfig, create_app
 from nxtrec.serving.batcher import Batcher, QueueFull
 from nxtrec.errors import NxtrecError
-from nxtrec.serving.engine import Engine, load_engine
+from nxtrec.engines import load_engine
+from nxtrec.inference.engine import Capabilities, DecodeOptions, Engine, Preprocessing
 from nxtrec.serving.model_process import start_engine_process
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
@@ -72,8 +73,8 @@ def expected_labels(engine: Engine, data: bytes, top_k: int):
     """What `nxtrec predict` computes for the image: Recognizer.predict_batch on it alone."""
     from nxtrec.model.image import load_image
 
-    pixels = engine.preprocess(load_image(data))[None]
-    return [lab.to_dict() for lab in engine.predict_arrays(pixels, top_k, False)[0]]
+    pixels = engine.preprocessing.array(load_image(data))[None]
+    return [lab.to_dict() for lab in engine.predict_batch(pixels, DecodeOptions(top_k=top_k))[0]]
 
 
 def assert_same_labels(got, want):
@@ -161,10 +162,10 @@ def test_maps_option_adds_each_labels_grid(engine, scenes):
 def test_tag_list_constrains_every_request(scenes, tmp_path):
     tags = tmp_path / "tags.txt"
     tags.write_text("ring\nstar | stars\ncrown\n")
-    listed = load_engine(decode_options={"vocab": str(tags)})
+    listed = load_engine()
 
     async def main():
-        async with serving(create_app(listed)) as client:
+        async with serving(create_app(listed, options=DecodeOptions(vocab=str(tags)))) as client:
             r = await client.post("/v1/tag?top_k=5", files={"files": ("scene.jpg", scenes[0], "image/jpeg")})
             assert r.status_code == 200
             labels = [x["label"] for x in r.json()["results"][0]["labels"]]
@@ -234,8 +235,8 @@ def test_two_model_processes_split_a_batch_and_give_the_same_labels(engine, scen
         assert len(started) == 2
         for pid in started:
             assert b"OMP_NUM_THREADS=3\0" in Path(f"/proc/{pid}/environ").read_bytes()
-        pixels = np.stack([engine.preprocess(load_image(data)) for data in scenes[:3]])  # shares of 2 and 1
-        for one, two in zip(engine.predict_arrays(pixels, 5, False), pair.predict_arrays(pixels, 5, False)):
+        pixels = np.stack([engine.preprocessing.array(load_image(data)) for data in scenes[:3]])  # shares of 2 and 1
+        for one, two in zip(engine.predict_batch(pixels, top_k=5), pair.predict_batch(pixels, top_k=5)):
             assert_same_labels([lab.to_dict() for lab in two], [lab.to_dict() for lab in one])
     finally:
         pair.close()
@@ -321,11 +322,19 @@ def test_api_key(engine, scenes):
 def blocking_engine(release: threading.Event) -> Engine:
     """A stand-in model whose calls wait for `release`: holds the worker busy on purpose."""
 
-    def predict(pixels, top_k, maps):
-        release.wait(30)
-        return [[] for _ in pixels]
+    class Blocking:
+        name, vocab_size = "blocking", 32
+        preprocessing = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+        capabilities = Capabilities(("one-shot",), maps=False, needs="-")
 
-    return Engine("blocking", 32, (0.5,) * 3, (0.5,) * 3, predict)
+        def predict_batch(self, pixels, options):
+            release.wait(30)
+            return [[] for _ in pixels]
+
+        def close(self):
+            pass
+
+    return Blocking()
 
 
 def test_queue_full_is_503_and_timeout_is_504(scenes):

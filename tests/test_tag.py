@@ -16,10 +16,10 @@ from pathlib import Path
 import datagen
 import numpy as np
 import pytest
-import torch
 
 from nxtrec.cli.main import main
 from nxtrec.inference.recognizer import Recognizer
+from nxtrec.tagging.pipeline import tag_images
 
 VENV_BIN = Path(sys.executable).parent
 # One compute thread: the tiny model's small kernels gain nothing from more, and on a busy
@@ -159,7 +159,7 @@ def test_python_api_yields_results_in_order(tiny_model_dir, tmp_path):
     images = _collection(tmp_path / "imgs", n=4)
     paths = [str(p) for p in sorted(images.glob("*.*"))]
     rec = Recognizer.from_pretrained(tiny_model_dir)
-    results = list(rec.tag(iter(paths), top_k=3, batch_size=2, num_workers=1))
+    results = list(tag_images(rec, iter(paths), top_k=3, batch_size=2, num_workers=1))
     assert [r.id for r in results] == paths
     assert results[-1].labels is None and "img99-corrupt.jpg" in results[-1].error
     expected = rec.predict(paths[:-1], top_k=3, batch_size=2)
@@ -241,14 +241,14 @@ def test_two_processes_give_the_records_of_one(launcher, tiny_model_dir, tmp_pat
 
 def _loader(tmp_path, n: int = 11):
     from nxtrec.model.image import CLIP_MEAN, CLIP_STD
-    from nxtrec.tagging.decode import Preprocess
+    from nxtrec.inference.engine import Preprocessing
     from nxtrec.tagging.inputs import InputItem
     from nxtrec.tagging.pipeline import batch_ranges
     from nxtrec.tagging.prefetch import BatchDecoder
 
     files = sorted(str(p) for p in _collection(tmp_path / "imgs", n).rglob("*.*"))
     items = [InputItem(f, f) for f in files]
-    return BatchDecoder(items, batch_ranges(0, len(items), 2), Preprocess(32, CLIP_MEAN, CLIP_STD))
+    return BatchDecoder(items, batch_ranges(0, len(items), 2), Preprocessing(32, CLIP_MEAN, CLIP_STD))
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
@@ -260,14 +260,30 @@ def test_loader_reuses_its_batch_buffers_without_mixing_batches(workers, tmp_pat
 
     decoder = _loader(tmp_path)
     seen = []
-    for batch in prefetched_batches(decoder, workers, as_tensor=False):
+    for batch in prefetched_batches(decoder, workers):
         good = [d for d in batch.items if d.error is None]
         want = [preprocess_array(load_image(decoder.items[d.index].source), 32) for d in good]
         assert batch.pixels is not None and np.array_equal(batch.pixels, np.stack(want))
         seen += [d.index for d in batch.items]
     assert seen == list(range(12))
-    batch = next(prefetched_batches(decoder, workers, as_tensor=True))
-    assert isinstance(batch.pixels, torch.Tensor) and batch.pixels.shape == (2, 3, 32, 32)
+    batch = next(prefetched_batches(decoder, workers))
+    assert isinstance(batch.pixels, np.ndarray) and batch.pixels.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_decoding_workers_keep_the_normal_priority(tmp_path, monkeypatch):
+    """At SCHED_IDLE (or a high nice value) any busy process starved the workers: `tag` ran at
+    2 images/s beside one busy loop on one core, where `predict` ran at 70 (docs/tag.md)."""
+    from nxtrec.tagging import prefetch
+    from nxtrec.tagging.decode import Decoded
+
+    def where(i, *args, **kwargs):  # runs in the forked worker: report its scheduling
+        return Decoded(i, error=f"{os.sched_getscheduler(0)} {os.getpriority(os.PRIO_PROCESS, 0)}")
+
+    monkeypatch.setattr(prefetch, "decode", where)
+    batch = next(prefetch.prefetched_batches(_loader(tmp_path), 1))
+    here = f"{os.sched_getscheduler(0)} {os.getpriority(os.PRIO_PROCESS, 0)}"
+    assert {d.error for d in batch.items} == {here} and here.startswith(f"{os.SCHED_OTHER} ")
 
 
 def test_a_dying_decoding_worker_is_a_one_line_error(tmp_path, monkeypatch):
@@ -278,7 +294,7 @@ def test_a_dying_decoding_worker_is_a_one_line_error(tmp_path, monkeypatch):
     real = prefetch.decode
     # the workers are forked, so they decode with this: the fifth input kills its worker
     monkeypatch.setattr(prefetch, "decode", lambda i, *a, **k: os._exit(9) if i == 4 else real(i, *a, **k))
-    batches = prefetch.prefetched_batches(decoder, 1, as_tensor=False)
+    batches = prefetch.prefetched_batches(decoder, 1)
     got = 0
     with pytest.raises(NxtrecError, match="decoding worker process ended unexpectedly"):
         for _ in batches:

@@ -1,5 +1,5 @@
-"""Training: sequences and targets, the loss against a direct computation of DESIGN.md
-sections 6-8, parameter groups, a tiny model that learns, checkpoints and exact resume after
+"""Training: sequences and targets, the loss against a direct computation of
+docs/design.md#training-sequence-and-loss, parameter groups, a tiny model that learns, checkpoints and exact resume after
 a SIGKILL, a NaN stop, export, plotting, and 2 processes (torchrun, gloo) against 1."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nxtrec.distributed import RankInfo
 from nxtrec.inference.recognizer import Recognizer
 from nxtrec.model.config import TEMPLATES, ModelConfig
 from nxtrec.model.directory import build_model, load_model_dir
@@ -28,7 +29,6 @@ from nxtrec.model.presets import preset_config
 from nxtrec.training.checkpoint import checkpoint_dirs, read_checkpoint, retained_steps
 from nxtrec.training.config import load_config
 from nxtrec.training.data import make_data
-from nxtrec.training.distributed import DistInfo
 from nxtrec.training.errors import TrainingDiverged
 from nxtrec.training.logger import plot_run, read_metrics
 from nxtrec.training.main import train
@@ -298,14 +298,14 @@ def test_data_stream_resumes_exactly_with_loader_workers(shards, tmp_path):
     the stream still continues exactly where it stopped, across the epoch boundary too."""
     cfg = tiny_cfg(shards, tmp_path, "data.num_workers=2", "train.micro_batch_size=5", "train.global_batch_size=10")
     mc = preset_config("tiny", 402)
-    full = make_data(cfg, mc, DistInfo())
+    full = make_data(cfg, mc, RankInfo())
     assert full.batches_per_epoch() == 18  # 96 samples, 2 workers x 48, 9 full batches each
     expected = [full.next_batch() for _ in range(24)]
-    part = make_data(cfg, mc, DistInfo())
+    part = make_data(cfg, mc, RankInfo())
     got = [part.next_batch() for _ in range(7)]
     path = tmp_path / "state.pt"
     torch.save(part.state_dict(), path)
-    resumed = make_data(cfg, mc, DistInfo())
+    resumed = make_data(cfg, mc, RankInfo())
     resumed.load_state_dict(torch.load(path, weights_only=True))
     got += [resumed.next_batch() for _ in range(17)]
     assert [labels for _, labels in got] == [labels for _, labels in expected]
@@ -409,7 +409,7 @@ def test_slurm_script_starts_torchrun_with_a_rendezvous(shards, tmp_path):
 WORKER = textwrap.dedent(
     """
     import json, sys, torch
-    from nxtrec.training.distributed import setup_distributed
+    from nxtrec.distributed import setup_distributed
     from nxtrec.training.main import train
     from nxtrec.training.config import load_config
 
@@ -473,7 +473,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(shards, tmp_path, pa
     cfg = load_config("tiny-cpu", [*overrides[:-1], f'run.dir="{tmp_path / "one"}"'])
     two_dir = tmp_path / "two"
     mc = ModelConfig.load(two_dir / "init-model" / "config.json")
-    sources = [make_data(cfg, mc, DistInfo(rank=r, world=2)) for r in (0, 1)]
+    sources = [make_data(cfg, mc, RankInfo(rank=r, world=2)) for r in (0, 1)]
     cfg.model.preset, cfg.model.init = "", str(two_dir / "init-model")  # the same initial weights
     grads = {}
 

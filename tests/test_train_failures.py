@@ -100,8 +100,8 @@ def test_rerunning_a_finished_run_says_it_is_complete(tmp_path, capsys):
 WORKER = textwrap.dedent(
     """
     import sys
+    from nxtrec.distributed import setup_distributed
     from nxtrec.training.config import load_config
-    from nxtrec.training.distributed import setup_distributed
     from nxtrec.training.main import train
 
     info = setup_distributed("cpu")

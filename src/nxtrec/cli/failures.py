@@ -19,7 +19,7 @@ EXIT_USER_ERROR = 2
 EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell pipeline expects
 # The project's issue tracker; bug reports go there.
-BUG_REPORT = "the nxtrec issue tracker (include the command line and the traceback above)"
+BUG_REPORT = "the nxtrec issue tracker (include the command line, the traceback above and the output of `nxtrec info`)"
 
 # Errors of the machine or the file system, not of nxtrec: reported in one line.
 ENVIRONMENT_ERRNOS = {

@@ -1,5 +1,5 @@
-"""`nxtrec` command line. Each sub-command lives in `nxtrec/cli/<name>.py`, which
-defines `register(subparsers)`; heavy imports (torch, onnxruntime) happen inside the
+"""`nxtrec` command line. Each sub-command lives in `nxtrec/cli/<name>.py` (`export-onnx`
+in `export_onnx.py`), which defines `register(subparsers)`; heavy imports (torch, onnxruntime) happen inside the
 handlers so that, e.g., the ONNX path never imports torch."""
 
 from __future__ import annotations
@@ -15,18 +15,25 @@ from nxtrec.extras import missing_dependency
 
 COMMAND_MODULES = [
     "predict",
-    "models",
+    "init_model",
+    "convert",
     "bench",
+    "pack",
+    "labels",
     "data",
-    "evaluate",
+    "eval",
+    "score",
     "train",
-    "onnx",
+    "plot",
+    "export_onnx",
     "synth",
     "tag",
     "attention",
     "serve",
     "download",
     "verify",
+    "quantize",
+    "info",
 ]
 
 

@@ -66,7 +66,23 @@ def print_result(path: str, labels: list[dict], as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def decode_options(args):
+    """The decoding options of the parsed command line."""
+    from nxtrec.inference.engine import DecodeOptions
+
+    options = DecodeOptions(top_k=args.top_k, extra_k=args.extra_k, sampler=args.sampler, ranking=args.ranking,
+                            maps=bool(args.maps), **vocab_kwargs(args))  # fmt: skip
+    if args.sampler == "beam":
+        return DecodeOptions.of(options, beam_size=args.beam_size)
+    if args.sampler == "greedy":
+        return DecodeOptions.of(options, temperature=args.temperature, top_k_tokens=args.top_k_tokens,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty)  # fmt: skip
+    return options
+
+
 def run(args) -> int:
+    from nxtrec.engines import capabilities_of, load_engine
+    from nxtrec.inference.engine import check_top_k, predict_files
     from nxtrec.model.image import list_images
 
     # Through the environment, the image switches reach every reader (the ONNX path too).
@@ -78,59 +94,38 @@ def run(args) -> int:
     if not paths:
         print("nxtrec predict: no images found", file=sys.stderr)
         return 1
+    options = decode_options(args)
+    options.check(capabilities_of(onnx=bool(args.onnx)))
     if args.onnx:
-        from nxtrec.errors import NxtrecError
-        from nxtrec.onnx.runtime import predict_paths
-
-        if args.sampler != "one-shot":
-            raise NxtrecError("--onnx runs one-shot sampling only; drop --sampler")
-        if args.model:
-            raise NxtrecError("give either --model or --onnx, not both")
-        if args.maps:
-            raise NxtrecError("--maps needs the PyTorch path (attention probabilities); drop --onnx")
-        _check_onnx_dir(args)
-        results = predict_paths(args.onnx, paths, top_k=args.top_k, batch_size=args.batch_size,
-                                extra_k=args.extra_k, ranking=args.ranking, **vocab_kwargs(args))
-    else:
-        results = _predict_torch(args, paths)
+        check_onnx_dir(args.onnx, args.verify)
+    engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype)
+    check_top_k(options, engine.vocab_size)
+    if args.model is None and args.onnx is None and not (args.quiet or args.json):
+        print(DEMO_NOTICE, file=sys.stderr)
     failed = 0
-    for path, labels, error in results:
+    for path, labels, error in predict_files(engine, paths, options, args.batch_size, each=_map_writer(args)):
         if error is not None:
             failed += 1
             print(f"nxtrec predict: skipped {error}", file=sys.stderr)
         else:
-            print_result(path, labels, args.json)
+            print_result(path, [{k: v for k, v in lab.to_dict().items() if k != "map"} for lab in labels], args.json)
     if failed:
         print(f"nxtrec predict: {failed} of {len(paths)} images failed", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _check_onnx_dir(args) -> None:
-    """Hashes of every file with --verify (sizes are checked whenever the folder opens), and
-    --top-k against the vocabulary recorded in the manifest."""
+def check_onnx_dir(onnx_dir: str, verify: bool) -> None:
+    """With `verify`, every file's SHA-256 against the export manifest (sizes are checked
+    whenever the folder opens)."""
     from nxtrec.errors import NxtrecError
+    from nxtrec.onnx.format import detect_layout
     from nxtrec.onnx.integrity import check_hashes, read_manifest
-    from nxtrec.onnx.runtime import detect_layout
 
-    if detect_layout(args.onnx) != "nxtrec":
-        if args.verify:
-            raise NxtrecError(f"{args.onnx}: --verify needs an `nxtrec export-onnx` folder (the released files record no hashes)")
+    if not verify:
         return
-    manifest = read_manifest(args.onnx)
-    if args.verify:
-        check_hashes(args.onnx, manifest)
-    vocab_size = manifest.get("config", {}).get("decoder", {}).get("vocab_size")
-    if isinstance(vocab_size, int):
-        check_top_k(args, vocab_size)
-
-
-def check_top_k(args, vocab_size: int) -> None:
-    """--top-k (+ --extra-k) must fit in the vocabulary, known once the model is loaded."""
-    from nxtrec.errors import NxtrecError
-
-    if args.top_k + args.extra_k > vocab_size:
-        raise NxtrecError(f"--top-k {args.top_k} + --extra-k {args.extra_k} is more than the model's "
-                          f"{vocab_size} tokens; use --top-k {vocab_size} or less")
+    if detect_layout(onnx_dir) != "nxtrec":
+        raise NxtrecError(f"{onnx_dir}: --verify needs an `nxtrec export-onnx` folder (the released files record no hashes)")
+    check_hashes(onnx_dir, read_manifest(onnx_dir))
 
 
 def map_folder(out_dir: str, path: str, used: set[str]) -> str:
@@ -145,39 +140,11 @@ def map_folder(out_dir: str, path: str, used: set[str]) -> str:
     return str(Path(out_dir) / name)
 
 
-def _predict_torch(args, paths):
-    """Yield (path, labels as dicts, error message or None), batch by batch."""
-    from nxtrec.errors import NxtrecError
+def _map_writer(args):
+    """With --maps, what writes each image's label maps as it is predicted."""
+    if not args.maps:
+        return None
     from nxtrec.inference.heatmaps import save_label_maps
-    from nxtrec.inference.recognizer import Recognizer
-    from nxtrec.model.image import ImageError, load_image
 
-    if args.maps and args.sampler != "one-shot":
-        raise NxtrecError(f"--maps comes from one-shot sampling; drop --sampler {args.sampler}")
     folders: set[str] = set()
-    rec = Recognizer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    check_top_k(args, rec.config.decoder.vocab_size)
-    if args.model is None and not (args.quiet or args.json):
-        print(DEMO_NOTICE, file=sys.stderr)
-    kwargs = {"sampler": args.sampler, "ranking": args.ranking, **vocab_kwargs(args)}
-    if args.sampler == "one-shot":
-        kwargs.update(extra_k=args.extra_k, maps=bool(args.maps))
-    elif args.sampler == "beam":
-        kwargs["beam_size"] = args.beam_size
-    else:
-        kwargs.update(temperature=args.temperature, top_k_tokens=args.top_k_tokens, top_p=args.top_p,
-                      repetition_penalty=args.repetition_penalty)
-    for start in range(0, len(paths), args.batch_size):
-        batch, good = paths[start : start + args.batch_size], []
-        images = []
-        for path in batch:
-            try:
-                images.append(load_image(path))
-                good.append(path)
-            except ImageError as e:
-                yield path, None, str(e)
-        if images:
-            for path, image, labels in zip(good, images, rec.predict(images, top_k=args.top_k, batch_size=len(images), **kwargs)):
-                if args.maps:
-                    save_label_maps(map_folder(args.maps, path, folders), path, image, labels)
-                yield path, [{k: v for k, v in lab.to_dict().items() if k != "map"} for lab in labels], None
+    return lambda path, image, labels: save_label_maps(map_folder(args.maps, path, folders), path, image, labels)

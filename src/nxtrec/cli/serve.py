@@ -63,14 +63,18 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"nxtrec serve: warning: listening on {args.host} without an API key (--api-key or ${API_KEY_ENV})",
               file=sys.stderr)
-    engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype,
-                                  decode_options=vocab_kwargs(args), processes=args.processes)
+    from nxtrec.engines import capabilities_of
+    from nxtrec.inference.engine import DecodeOptions
+
+    options = DecodeOptions(**vocab_kwargs(args))
+    options.check(capabilities_of(onnx=bool(args.onnx)))
+    engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype, processes=args.processes)
     try:
         print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
         # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish,
         # then runs the app's shutdown (the inference worker drains its queue); the model
         # process ends last.
-        uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="warning",
+        uvicorn.run(create_app(engine, config, options), host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=max(args.timeout, 1.0))
     finally:
         engine.close()

@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--onnx", metavar="DIR", type=existing_dir, help="run an exported ONNX directory with ONNX Runtime (no PyTorch)")
     p.add_argument("--top-k", type=positive_int, default=10, help="one-shot branches, and the most labels per image")
     p.add_argument("--extra-k", type=non_negative_int, default=0, help="extra branches sampled beyond --top-k")
+    p.add_argument("--ranking", default="prob", choices=["prob", "ppl", "sim", "none"],
+                   help="order of the labels: probability, perplexity, image similarity, generation order")
     p.add_argument("--min-prob", type=fraction, default=0.0, help="drop labels with a lower probability")
     p.add_argument("--max-labels", type=positive_int, help="keep at most this many labels per image (after --min-prob)")
     p.add_argument("--format", dest="fmt", default="jsonl", choices=["jsonl", "csv"],
@@ -46,14 +48,20 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out (else a rerun resumes)")
     p.add_argument("--log-every", type=positive_float, default=30.0, help="seconds between progress lines when not on a terminal")
-    add_vocab_arguments(p, compat=False)
+    p.add_argument("--verify", action="store_true",
+                   help="with --onnx: check every file's SHA-256 against the export manifest first")
+    add_vocab_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from nxtrec.tagging.job import TagOptions, run_tag
 
-    options = TagOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "func", "argv")})
+    from nxtrec.cli.predict import check_onnx_dir
+
+    options = TagOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "func", "argv", "verify")})
+    if options.onnx:
+        check_onnx_dir(options.onnx, args.verify)
     if options.processes > 1 and "WORLD_SIZE" not in os.environ:
         from nxtrec.tagging.launch import run_ranks
 

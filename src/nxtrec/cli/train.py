@@ -1,5 +1,4 @@
-"""`nxtrec train CONFIG` (also under `torchrun ... -m nxtrec train CONFIG`) and
-`nxtrec plot RUN_DIR`."""
+"""`nxtrec train CONFIG` (also under `torchrun ... -m nxtrec train CONFIG`)."""
 
 from __future__ import annotations
 
@@ -27,11 +26,6 @@ def register(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run_train)
 
-    q = sub.add_parser("plot", help="draw a run's loss and learning-rate curves to a PNG")
-    q.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
-    q.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png)")
-    q.set_defaults(func=run_plot)
-
 
 def run_train(args) -> int:
     from nxtrec.training.config import load_config
@@ -57,12 +51,4 @@ def run_train(args) -> int:
             print(f"trained {summary['step']} steps in {summary['run_dir']}; last loss {summary['loss']}")
         if summary["final"]:
             print(f"model: {summary['final']}  (nxtrec predict IMAGE --model {summary['final']})")
-    return 0
-
-
-def run_plot(args) -> int:
-    from nxtrec.training.logger import plot_run
-
-    out = plot_run(args.run_dir, args.out)
-    print(f"wrote {out}")
     return 0

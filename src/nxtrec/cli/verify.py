@@ -1,7 +1,8 @@
 """`nxtrec verify DIR...`: check model, ONNX and checkpoint directories before they are used.
 
 - model directory (`config.json`): every config value, the tokenizer, every tensor's name and
-  shape (read from the safetensors header; a truncated file fails);
+  shape (read from the safetensors header; a truncated file fails); an int8 one (`nxtrec
+  quantize`) also every tensor's dtype and every scale and zero point;
 - ONNX export (`nxtrec-onnx.json`): every file's size and SHA-256 against the manifest, and
   the embedding table;
 - training checkpoint (`ckpt-STEP/`) or run directory (`checkpoints/`): each checkpoint's

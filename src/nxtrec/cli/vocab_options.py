@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 
 from nxtrec.cli.options import existing_file
-from nxtrec.errors import NxtrecError
 from nxtrec.inference.compat import COMPAT_MODES
 from nxtrec.inference.mapping import DEFAULT_MAP_THRESHOLD
 from nxtrec.inference.vocab import as_label_list
@@ -38,9 +37,8 @@ def add_vocab_arguments(p, compat: bool = True) -> None:
 
 
 def vocab_kwargs(args) -> dict:
-    """`predict_batch` keyword arguments from the parsed options (only those given)."""
-    if args.vocab and args.map_to:
-        raise NxtrecError("give either --vocab (constrained decoding) or --map-to (map free labels), not both")
+    """`DecodeOptions` fields from the parsed options (only those given; `DecodeOptions.check`
+    says which go together)."""
     out = {}
     if args.vocab:
         out["vocab"] = as_label_list(args.vocab)  # a bad list fails here, before any model loads

@@ -1,5 +1,5 @@
 """Tagged nouns that are not labels, dropped in the default mode only (`compat=True` keeps the
-reference's behaviour; DESIGN.md section 10's noise words apply in both modes).
+reference's behaviour; the noise words of docs/design.md#labels-from-captions apply in both modes).
 
 Each rule looks at the words around a noun, so a word is dropped where it frames, counts or
 colours something and kept where it is a thing:

@@ -1,4 +1,4 @@
-"""Noun labels from captions (DESIGN section 10).
+"""Noun labels from captions (docs/design.md#labels-from-captions).
 
     extract_labels("A man riding a horse on a beach at sunset.")
     -> ["man", "horse", "beach", "sunset"]

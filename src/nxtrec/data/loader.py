@@ -10,7 +10,7 @@ what happens when N does not divide by the world size:
 - "drop": every rank gets N // W samples, the last N % W of the epoch's order are left out
   (they change from epoch to epoch when shuffling);
 - "pad": every rank gets ceil(N / W) samples, the missing ones are repeats of the first
-  samples, flagged in `Batch.padded` so that an evaluation can ignore them.
+  samples, flagged in `ShardBatch.padded` so that an evaluation can ignore them.
 Each stream then shuffles through a buffer seeded by (seed, epoch, stream), decodes with
 CLIP preprocessing and batches. Corrupt samples are skipped and counted by reason.
 
@@ -45,6 +45,7 @@ from nxtrec.data.sharding import (
     worker_range,
 )
 from nxtrec.data.shards import IMAGE_EXTS
+from nxtrec.distributed import current_ranks
 from nxtrec.errors import NxtrecError
 from nxtrec.model.image import ImageError, load_image, preprocess
 
@@ -52,7 +53,7 @@ EMPTY_LABELS = ("keep", "skip")
 
 
 @dataclass
-class Batch:
+class ShardBatch:
     pixels: torch.Tensor  # [B, 3, S, S] float, CLIP-normalised
     labels: list[list[str]]
     keys: list[str]
@@ -65,7 +66,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> "ShardBatch":
         self.pixels = self.pixels.pin_memory()
         self.padded = self.padded.pin_memory()
         return self
@@ -76,7 +77,7 @@ class _Skip(Exception):
 
 
 class StreamDataset(IterableDataset):
-    """An IterableDataset of `Batch`es for one rank: see the module docstring. Batching
+    """An IterableDataset of `ShardBatch`es for one rank: see the module docstring. Batching
     happens here (DataLoader batch_size=None), so each worker's last batch may be short,
     and a stream ends with an empty batch when it has counters or a position to report."""
 
@@ -164,7 +165,7 @@ class StreamDataset(IterableDataset):
         return cut_sequence(epoch_sequence(self.groups, self.seed, self.epoch, self.shuffle), lo, hi)
 
     # -- iteration
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[ShardBatch]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if num_workers != self.num_workers:
@@ -182,7 +183,7 @@ class StreamDataset(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         return iter(wds.DataPipeline(*stages))
 
-    def _batches(self, stream: int, pieces: list[Piece], start: int) -> Iterator[Batch]:
+    def _batches(self, stream: int, pieces: list[Piece], start: int) -> Iterator[ShardBatch]:
         skipped: Counter = Counter()
         samples = self._samples(stream, pieces, skipped)
         # Replay up to the saved position without decoding; what the replay finds unreadable
@@ -230,7 +231,7 @@ class StreamDataset(IterableDataset):
             raise _Skip("corrupt image") from None
         return pixels, labels, sample["__key__"], caption, sample["__padded__"]
 
-    def _collate(self, items: list[tuple], stream: int, position: int, skipped: Counter) -> Batch:
+    def _collate(self, items: list[tuple], stream: int, position: int, skipped: Counter) -> ShardBatch:
         delta = dict(skipped)
         skipped.clear()
         if items:
@@ -238,7 +239,7 @@ class StreamDataset(IterableDataset):
             pixels = torch.stack(pixels)
         else:
             pixels, labels, keys, captions, padded = torch.empty(0, 3, self.image_size, self.image_size), [], [], [], []
-        return Batch(pixels, labels, keys, captions, torch.tensor(padded, dtype=torch.bool), stream, position, delta)
+        return ShardBatch(pixels, labels, keys, captions, torch.tensor(padded, dtype=torch.bool), stream, position, delta)
 
 
 def _read_pieces(pieces: Sequence[Piece], skipped: Counter) -> Iterator[dict]:
@@ -288,7 +289,7 @@ class StreamLoader:
         if epoch != self.epoch:
             self.epoch, self.positions, self.skipped, self._resuming = epoch, {}, Counter(), False
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[ShardBatch]:
         if not self._resuming:
             self.positions, self.skipped = {}, Counter()
         self._resuming = False
@@ -330,11 +331,6 @@ class StreamLoader:
         self._resuming = True
 
 
-def _world() -> tuple[int, int]:
-    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-    return rank, world_size
-
-
 def build_loader(
     datasets: Union[str, Sequence[str]],
     registry: Union[None, str, Path, Registry] = None,
@@ -353,8 +349,8 @@ def build_loader(
     pin_memory: bool = False,
 ) -> StreamLoader:
     """A StreamLoader over registry datasets (names) or shard folders / patterns, mixed by
-    their registry weights. Rank and world size default to torch.distributed's (or the
-    RANK / WORLD_SIZE environment variables), else 0 and 1."""
+    their registry weights. Rank and world size default to `nxtrec.distributed.current_ranks()`:
+    the initialised process group's, else torchrun's RANK / WORLD_SIZE, else 0 and 1."""
     found = dataset_shards(datasets, registry)
     # A shard without a single labelled sample was never labelled: say how to fix it now
     # rather than skip all of it. Odd unlabelled samples are skipped and counted.
@@ -364,9 +360,9 @@ def build_loader(
             f"shards without labels in {', '.join(unlabelled)}: add them with `nxtrec labels add {unlabelled[0]}`"
         )
     if rank is None or world_size is None:
-        env_rank, env_world = _world()
-        rank = env_rank if rank is None else rank
-        world_size = env_world if world_size is None else world_size
+        ranks = current_ranks()
+        rank = ranks.rank if rank is None else rank
+        world_size = ranks.world if world_size is None else world_size
     dataset = StreamDataset(
         [(shards, spec.weight) for spec, shards in found],
         batch_size=batch_size,

@@ -235,7 +235,8 @@ def _records_digest(records: list[Record]) -> str:
     return h.hexdigest()
 
 
-def _label_entry(backend: str, compat: bool) -> dict:
+def label_entry(backend: str, compat: bool) -> dict:
+    """The manifest's `labels` entry: the label setting and the tagger that produced the labels."""
     from nxtrec.data.labels import get_tagger, label_setting
 
     return {"setting": label_setting(backend, compat), "tagger": get_tagger(backend).description}
@@ -279,7 +280,7 @@ def _pack_locked(records, out: Path, kind: str, split: str, opts: PackOptions, w
         "format": MANIFEST_FORMAT,
         "source": {"kind": kind, "split": split, "records": len(records), "digest": _records_digest(records)},
         "options": {"shard_size": opts.shard_size, "resize_shorter": opts.resize_shorter, "quality": opts.quality},
-        "labels": _label_entry(opts.backend, opts.compat),
+        "labels": label_entry(opts.backend, opts.compat),
     }
     manifest = read_manifest(out)
     if manifest is None:

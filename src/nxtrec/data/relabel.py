@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from nxtrec.data.pack import PackSummary, ShardResult, _label_entry, run_tasks
+from nxtrec.data.pack import PackSummary, ShardResult, label_entry, run_tasks
 from nxtrec.data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    _bytes_member,
+    bytes_member,
     folder_lock,
     list_tars,
     member_ext,
@@ -86,11 +86,11 @@ def label_shard(task: LabelTask, on_record: Callable[[], None] = lambda: None) -
             for key, members, tf in tar_samples(Path(task.src)):
                 for m in members:
                     if member_ext(m) == "json":
-                        out.addfile(*_bytes_member(m.name, new_json[key], like=m))
+                        out.addfile(*bytes_member(m.name, new_json[key], like=m))
                     else:
                         out.addfile(m, tf.extractfile(m))
                 if not any(member_ext(m) == "json" for m in members):
-                    out.addfile(*_bytes_member(f"{key}.json", new_json[key], like=members[0]))
+                    out.addfile(*bytes_member(f"{key}.json", new_json[key], like=members[0]))
                 on_record()
         f.flush()
         os.fsync(f.fileno())
@@ -123,7 +123,7 @@ def add_labels(
     setting = label_setting(backend, compat)
     manifest = read_manifest(dest) or read_manifest(folder) or {"format": MANIFEST_FORMAT, "shards": {}}
     manifest = json.loads(json.dumps(manifest))  # a copy: `folder`'s manifest stays as it is
-    manifest["labels"] = _label_entry(backend, compat)
+    manifest["labels"] = label_entry(backend, compat)
     manifest["complete"] = False
     entries = manifest.setdefault("shards", {})
     tasks = [

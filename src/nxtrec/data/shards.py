@@ -172,7 +172,8 @@ def read_member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return tf.extractfile(member).read()
 
 
-def _bytes_member(name: str, data: bytes, like: tarfile.TarInfo) -> tuple[tarfile.TarInfo, io.BytesIO]:
+def bytes_member(name: str, data: bytes, like: tarfile.TarInfo) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    """A tar member holding `data`, with the owner, mode and time of `like` (for `addfile`)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime, info.mode, info.uid, info.gid = like.mtime, like.mode, like.uid, like.gid

@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from nxtrec.evaluation.embedders import MAX_TOKENS, build_embedder
+from nxtrec.distributed import RankInfo, current_ranks, setup_distributed
 from nxtrec.evaluation.metric import Summary, format_table, score_records
+from nxtrec.inference.engine import DecodeOptions, Engine
+from nxtrec.model.embedders import MAX_TOKENS, build_embedder
 
 
-def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: int | None = None, progress: bool = True,
-                    **predict_kwargs) -> list[dict]:
-    """One record per image: {"image", "gt", "pred": [{"label", "prob"}...]}. `predict_kwargs`
-    go to `predict_batch` (vocab, map_to, compat, ...)."""
+def predict_records(engine: Engine, loader, options: DecodeOptions, limit: int | None = None,
+                    progress: bool = True) -> list[dict]:  # fmt: skip
+    """One record per image: {"image", "gt", "pred": [{"label", "prob"}...]}."""
     from tqdm import tqdm
 
     records = []
@@ -32,7 +34,7 @@ def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: in
                 keep = keep[: max(0, limit - len(records))]
             if not keep:
                 break
-            labels = recognizer.predict_batch(batch.pixels[keep], top_k=k, ranking=ranking, **predict_kwargs)
+            labels = engine.predict_batch(batch.pixels[keep].numpy(), options)
             for i, labs in zip(keep, labels):
                 records.append({"image": batch.keys[i], "gt": batch.labels[i], "pred": [l.to_dict() for l in labs]})
             bar.update(len(keep))
@@ -41,25 +43,16 @@ def predict_records(recognizer, loader, k: int, ranking: str = "prob", limit: in
     return records
 
 
-def gather_records(records: list[dict]) -> list[dict] | None:
-    """All ranks' records on rank 0 (None elsewhere); the records themselves without torchrun."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return records
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(records, parts, dst=0)
+def gather_records(records: list[dict], ranks: RankInfo | None = None) -> list[dict] | None:
+    """All ranks' records on rank 0 (None elsewhere); the records themselves without torchrun.
+    `ranks`: default, the initialised process group's."""
+    parts = (ranks or current_ranks()).gather(records, dst=0)
     return [r for part in parts for r in part] if parts is not None else None
 
 
-def gather_counts(counts: dict[str, int]) -> dict[str, int]:
+def gather_counts(counts: dict[str, int], ranks: RankInfo | None = None) -> dict[str, int]:
     """Counts summed over all ranks (every rank gets the sum); the counts themselves without torchrun."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return dict(counts)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, dict(counts))
+    parts = (ranks or current_ranks()).gather(dict(counts))
     total: dict[str, int] = {}
     for part in parts:
         for reason, n in part.items():
@@ -114,34 +107,41 @@ def write_outputs(records, summaries: dict[int, Summary], out: Path, info: dict)
 def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None, registry=None, batch_size=16,
              device="cpu", dtype="float32", limit=None, num_workers=1, progress=True, clip_file=None,
              clip_vocab=None, max_tokens=MAX_TOKENS, predict_kwargs=None,
-             skipped: dict | None = None) -> dict[int, Summary] | None:
+             skipped: dict | None = None, load: Callable[[str], Engine] | None = None) -> dict[int, Summary] | None:
     """Predict and score; returns the summaries on rank 0 (None on other ranks). The CLIP
-    embedder needs `clip_file` and `clip_vocab` (see metric.CLIPEmbedder); `max_tokens` is
-    MiniLM's word-piece limit; `predict_kwargs` go to `Recognizer.predict_batch`. Samples
+    embedder needs `clip_file` and `clip_vocab` (see model.embedders.CLIPEmbedder); `max_tokens` is
+    MiniLM's word-piece limit; `predict_kwargs` are more `DecodeOptions` (vocab, map_to,
+    compat, ...). `load(device)` gives the engine on this rank's device (default: the PyTorch
+    model directory `model`; `nxtrec eval` passes `nxtrec.engines.load_engine`). Samples
     the loader skipped (all ranks) are counted by reason into the `skipped` dict, when given,
     and into the summary JSON."""
-    import torch.distributed as dist
-
     from nxtrec.data.loader import build_loader
     from nxtrec.inference.recognizer import Recognizer
 
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("gloo" if device == "cpu" else "nccl")
-    start = time.perf_counter()
-    rec = Recognizer.from_pretrained(model, device=device, dtype=dtype)
-    loader = build_loader(data, registry, batch_size=batch_size, image_size=rec.config.encoder.image_size,
-                          num_workers=num_workers, balance="exact")
-    with torch.inference_mode():
-        records = predict_records(rec, loader, max(k_values), ranking, limit, progress, **(predict_kwargs or {}))
-    skipped_here = gather_counts(loader.skipped)
-    if skipped is not None:
-        skipped.update(skipped_here)
-    records = gather_records(records)
+    load = load or (lambda dev: Recognizer.from_pretrained(model, device=dev, dtype=dtype))
+    options = DecodeOptions.of(top_k=max(k_values), ranking=ranking, **(predict_kwargs or {}))
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        ranks = setup_distributed("cuda" if device.startswith("cuda") else "cpu")
+    else:
+        ranks = current_ranks()
+    try:
+        start = time.perf_counter()
+        engine = load(str(ranks.device) if ranks.world > 1 else device)
+        loader = build_loader(data, registry, batch_size=batch_size, image_size=engine.preprocessing.size,
+                              num_workers=num_workers, balance="exact")
+        with torch.inference_mode():
+            records = predict_records(engine, loader, options, limit, progress)
+        skipped_here = gather_counts(loader.skipped, ranks)
+        if skipped is not None:
+            skipped.update(skipped_here)
+        records = gather_records(records, ranks)
+    finally:
+        ranks.close()
     if records is None:
         return None
     summaries = score(records, sorted(k_values), embedder, "cpu", clip_file, clip_vocab, max_tokens)
-    info = {"model": str(model), "data": str(data), "sampler": "one-shot", "ranking": ranking, "embedder": embedder,
+    info = {"model": str(model or "bundled default model"), "data": str(data), "sampler": "one-shot", "ranking": ranking, "embedder": embedder,
             "seconds": time.perf_counter() - start, "metric_max_tokens": max_tokens, "skipped": skipped_here,
             **{key: str(getattr(value, "source", value)) for key, value in (predict_kwargs or {}).items()}}
     if out:

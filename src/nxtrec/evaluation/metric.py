@@ -1,4 +1,4 @@
-"""The paper's semantic recall / precision / F1 at top-k (DESIGN.md section 11).
+"""The paper's semantic recall / precision / F1 at top-k (docs/design.md#evaluation-metric).
 
 Per image: ground-truth labels G and predicted labels Q are embedded with
 all-MiniLM-L6-v2 (token embeddings mean-pooled over the attention mask, at most 512 word
@@ -15,8 +15,9 @@ Unlike the reference, which encodes every label of every image separately, padde
 token limit, labels are embedded once per distinct string, in batches, and cached; padding is
 masked out of the mean, so the embeddings are the same.
 
-The paper's alternative embedder, CLIP ViT-L/14's text tower, is `CLIPEmbedder` (local files
-only: OpenAI's ViT-L-14.pt and CLIP's BPE vocabulary)."""
+The paper's alternative embedder, CLIP ViT-L/14's text tower, is
+`nxtrec.model.embedders.CLIPEmbedder` (local files only: OpenAI's ViT-L-14.pt and CLIP's BPE
+vocabulary)."""
 
 from __future__ import annotations
 

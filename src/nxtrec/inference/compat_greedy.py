@@ -20,8 +20,8 @@ import torch
 
 from nxtrec.inference.compat import split_at_delimiters
 from nxtrec.inference.ranking import Branch
-from nxtrec.inference.sampling import _filter_logits
-from nxtrec.model.masks import _additive, inference_mask
+from nxtrec.inference.sampling import filter_logits
+from nxtrec.model.masks import additive, inference_mask
 from nxtrec.model.network import NxtpModel
 
 
@@ -42,7 +42,7 @@ def reference_inference_mask(text_ids: torch.Tensor, prompt_len: int, num_image_
     before = torch.cat([torch.full_like(marks[:, :1], -1), marks[:, :-1]], 1).cummax(1).values
     blocked = (pos[None, None, :] >= answer) & (pos[None, None, :] <= before[:, :, None])
     allowed = (inference_mask(s, num_image_tokens, text_ids.device) == 0)[None] & ~blocked
-    return _additive(allowed, dtype)[:, None]
+    return additive(allowed, dtype)[:, None]
 
 
 def _penalise_as_reference(logits: torch.Tensor, history: list[torch.Tensor], penalty: float) -> torch.Tensor:
@@ -83,7 +83,7 @@ def greedy_as_reference(
         if top_k == 1 and top_p is None:
             nxt = dist.argmax(-1)
         else:
-            filtered = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            filtered = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(filtered, 1, generator=generator)[:, 0]
         history.append(nxt)
         token_probs.append(dist.gather(-1, nxt[:, None])[:, 0])

@@ -20,7 +20,7 @@ class LabelMapper:
         if not -1.0 <= threshold <= 1.0:
             raise NxtrecError(f"--map-threshold {threshold}: a cosine similarity in [-1, 1] is expected")
         if embedder is None:
-            from nxtrec.evaluation.embedders import MiniLMEmbedder
+            from nxtrec.model.embedders import MiniLMEmbedder
 
             embedder = MiniLMEmbedder()
         self.labels = labels

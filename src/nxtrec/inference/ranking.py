@@ -3,7 +3,7 @@
 
 A branch is one generated label: its token ids (delimiter excluded) and the probability of
 each token, the closing delimiter's included when it was generated. Branches that decode to
-the same label are merged, then ranked (DESIGN.md section 9).
+the same label are merged, then ranked (docs/design.md#one-shot-sampling).
 """
 
 from __future__ import annotations

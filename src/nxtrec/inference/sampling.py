@@ -1,4 +1,4 @@
-"""Turning the decoder's next-token distributions into ranked labels (DESIGN.md section 9).
+"""Turning the decoder's next-token distributions into ranked labels (docs/design.md#one-shot-sampling).
 
 - `one_shot`: the paper's one-shot sampling. The prompt prefix runs once; the top-k tokens
   after the last prompt token start k branches that continue greedily until each emits the
@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from nxtrec.inference.branches import OpenBranches
 from nxtrec.inference.constrained import TorchTrieWalk
 from nxtrec.inference.ranking import MAX_LABEL_TOKENS, Branch, to_branches
 from nxtrec.model.decoder import BranchRows
@@ -75,37 +76,25 @@ def one_shot(
     logits, prefix_kvs, prefix_len = prefix or prefill(model, image_tokens, prompt_ids)
     walk = None if vocab is None else TorchTrieWalk(vocab)
     first_p, tokens = _first_tokens(logits, k) if walk is None else walk.first(logits, k)
-    n = tokens.shape[0]
-    seqs = [[t] for t in tokens.tolist()]
-    probs = [[p] for p in first_p]
-    owner = [i // k for i in range(n)]
-    stop_at_delimiter = steps is None
-    n_steps = max_label_tokens - 1 if steps is None else steps
-    # Rows still computed, as branch indices; a branch whose first token is the delimiter
-    # is already complete (an empty label).
-    active = [i for i in range(n) if not (stop_at_delimiter and seqs[i][0] == delimiter_id)]
-    if len(active) < n:
-        tokens = tokens[active]
+    book = OpenBranches(tokens.tolist(), first_p, k, delimiter_id, max_label_tokens, steps)
+    if len(book.active) < tokens.shape[0]:
+        tokens = tokens[book.active]
     own_kvs = None
-    for step in range(n_steps):
-        if not active:
+    for step in range(book.steps):
+        if not book.active:
             break
-        rows = BranchRows.of([owner[i] for i in active], image_tokens.shape[0], tokens.device)
+        rows = BranchRows.of(book.owners(), image_tokens.shape[0], tokens.device)
         logits, own_kvs = dec.step(tokens, prefix_len + step, prefix_kvs, rows, own_kvs)
         if recorder is not None:
-            recorder.end_step(active)
-        p, nxt = logits.float().softmax(-1).max(-1) if walk is None else walk.step(logits, active)
-        for branch, t, pt in zip(active, nxt.tolist(), p.tolist()):
-            seqs[branch].append(t)
-            probs[branch].append(pt)
-        if stop_at_delimiter:
-            keep = (nxt != delimiter_id).nonzero().flatten()
-            if keep.numel() < len(active):
-                active = [active[i] for i in keep.tolist()]
-                own_kvs = _select_rows(own_kvs, keep)
-                nxt = nxt[keep]
+            recorder.end_step(book.active)
+        p, nxt = logits.float().softmax(-1).max(-1) if walk is None else walk.step(logits, book.active)
+        keep = book.advance(nxt.tolist(), p.tolist())
+        if keep is not None:
+            rows_kept = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+            own_kvs = _select_rows(own_kvs, rows_kept)
+            nxt = nxt[rows_kept]
         tokens = nxt
-    return to_branches(seqs, probs, k, delimiter_id)
+    return book.result()
 
 
 @torch.inference_mode()
@@ -152,7 +141,8 @@ def one_shot_no_cache(
 # ---------------------------------------------------------------------------------------
 
 
-def _filter_logits(logits, temperature, top_k, top_p):
+def filter_logits(logits, temperature, top_k, top_p):
+    """Temperature, then top-k and nucleus (top-p) filtering: filtered entries become -inf."""
     logits = logits / max(temperature, 1e-6)
     if top_k and top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -203,7 +193,7 @@ def greedy(
         if top_k == 1 and top_p is None:
             nxt = dist.argmax(-1)
         else:
-            filtered = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            filtered = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(filtered, 1, generator=generator)[:, 0]
         history.append(nxt.tolist())
         token_probs.append(dist.gather(-1, nxt[:, None])[:, 0].tolist())
@@ -256,25 +246,7 @@ def beam_search(
             break
         last = torch.tensor([seq[-1] for seq, _ in rows], device=logits.device)
         logits, own_kvs = dec.step(last, prefix_len + step, prefix_kvs, branch_rows, own_kvs)
-        logp = logits.float().log_softmax(-1)
-        cand_lp, cand_i = logp.topk(beam_size + 1, dim=-1)
-        new_beams, sources = [], []
-        for img in range(b):
-            cands = []
-            for j in range(beam_size):
-                row = img * beam_size + j
-                seq, lps = rows[row]
-                if seq[-1] == eos_id:
-                    continue
-                for lp, t in zip(cand_lp[row].tolist(), cand_i[row].tolist()):
-                    cands.append((sum(lps) + lp, row, seq + [t], lps + [lp]))
-            cands.sort(key=lambda c: c[0], reverse=True)
-            chosen = cands[:beam_size]
-            while len(chosen) < beam_size:  # keep the row count fixed
-                chosen.append(chosen[-1])
-            new_beams.append([(c[2], c[3]) for c in chosen])
-            sources += [c[1] for c in chosen]
-        beams = new_beams
+        beams, sources = _extend_beams(logits, rows, beam_size, eos_id, b)
         if regather:
             own_kvs = _select_rows(own_kvs, torch.tensor(sources, device=logits.device))
     out = []
@@ -283,6 +255,29 @@ def beam_search(
         seq, lps = max(pool, key=lambda sl: score(sl[1]))
         out.append(_split_labels(seq, [math.exp(x) for x in lps], eos_id, delimiter_id))
     return out
+
+
+def _extend_beams(logits: torch.Tensor, rows: list, beam_size: int, eos_id: int, images: int):
+    """Each image's `beam_size` best extensions of its unfinished beams (a beam row per
+    entry of `rows`), and the row each came from."""
+    cand_lp, cand_i = logits.float().log_softmax(-1).topk(beam_size + 1, dim=-1)
+    new_beams, sources = [], []
+    for img in range(images):
+        cands = []
+        for j in range(beam_size):
+            row = img * beam_size + j
+            seq, lps = rows[row]
+            if seq[-1] == eos_id:
+                continue
+            for lp, t in zip(cand_lp[row].tolist(), cand_i[row].tolist()):
+                cands.append((sum(lps) + lp, row, seq + [t], lps + [lp]))
+        cands.sort(key=lambda c: c[0], reverse=True)
+        chosen = cands[:beam_size]
+        while len(chosen) < beam_size:  # keep the row count fixed
+            chosen.append(chosen[-1])
+        new_beams.append([(c[2], c[3]) for c in chosen])
+        sources += [c[1] for c in chosen]
+    return new_beams, sources
 
 
 def _split_labels(seq, probs, eos_id, delimiter_id) -> list[Branch]:

@@ -21,7 +21,12 @@ class ConfigError(NxtrecError):
     pass
 
 
-# The ten prompt templates of the released training recipe (DESIGN.md section 6); the first
+# The one quantised storage format (model/quantized.py): int8 Linear weights, one scale and
+# zero point per output channel, activations quantised per call.
+QUANTIZATION = {"method": "dynamic-int8", "granularity": "per-channel"}
+
+
+# The ten prompt templates of the released training recipe (docs/design.md#training-templates); the first
 # is the inference prompt.
 TEMPLATES = (
     "The objects in the image are",
@@ -91,9 +96,15 @@ class ModelConfig:
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     # Free-form provenance ("nxtp-g3m converted from ...", "demo model", ...).
     description: str = ""
+    # How the weights are stored when not as floats (`nxtrec quantize`, model/quantized.py):
+    # None or QUANTIZATION.
+    quantization: dict | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["quantization"] is None:  # float models' config.json stays as it was
+            del data["quantization"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
@@ -128,6 +139,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: special_tokens has duplicates: {self.special_tokens}")
         if len(self.special_tokens) >= d.vocab_size:
             raise ConfigError(f"{source}: decoder.vocab_size {d.vocab_size} leaves no room beside {len(self.special_tokens)} special tokens")
+        if self.quantization is not None and self.quantization != QUANTIZATION:
+            raise ConfigError(f"{source}: quantization must be {json.dumps(QUANTIZATION)} (or absent), "
+                              f"got {json.dumps(self.quantization, default=str)}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

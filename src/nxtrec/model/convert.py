@@ -1,4 +1,4 @@
-"""Build model directories from the released artifacts (DESIGN.md section 12).
+"""Build model directories from the released artifacts (docs/design.md#formats-that-load).
 
 - `convert_nxtp`: a released nxtp checkpoint (trained tensors only, prefix `module.`) + the
   OpenAI CLIP ViT-L/14 file (frozen encoder parts) + the LLaMA-2 tokenizer.
@@ -297,7 +297,7 @@ def convert_llama(
     dim = params["dim"]
     g = torch.Generator().manual_seed(seed)
     n_new = len(base.special_tokens)
-    # Added rows (DESIGN section 5): embeddings ~ N(0, 1); output rows: PyTorch's Linear
+    # Added rows (docs/design.md#vocabulary-and-special-tokens): embeddings ~ N(0, 1); output rows: PyTorch's Linear
     # init, except `<|empty|>` (the last) which is zero.
     new_emb = torch.randn(n_new, dim, generator=g)
     bound = 1.0 / math.sqrt(dim)  # kaiming_uniform(a=sqrt(5)) on a [*, dim] matrix

@@ -1,5 +1,5 @@
 """The language decoder: LLaMA-2 truncated to its first blocks, in Meta's layout
-(`layers.N.attention.wq`, ...; DESIGN.md section 4).
+(`layers.N.attention.wq`, ...; docs/design.md#language-decoder).
 
 The decoder has two ways to run attention:
 - `Decoder.forward`: a whole sequence with an additive mask (training, the prompt prefix, and
@@ -41,7 +41,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (2i, 2i+1) of each head vector. x: [B, S, H, D]; cos/sin: [S, D/2].
     As a complex multiplication (Meta's formulation): one pass over x, where the same rotation
-    on real strided views takes seven and is ~10x slower on the CPU. ONNX has no complex
+    on real strided views takes seven and is much slower on the CPU. ONNX has no complex
     type, so an export traces the real form."""
     pairs = x.float().unflatten(-1, (-1, 2))
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -186,15 +186,22 @@ class Decoder(nn.Module):
     def rope(self, positions: torch.Tensor):
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, start_pos: int = 0, last_only: bool = False):
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, start_pos: int = 0, last_only: bool = False,
+                select: torch.Tensor | None = None):
         """h: [B, S, dim] input embeddings; mask: additive [B or 1, 1, S, S].
-        Returns logits ([B, vocab] if last_only else [B, S, vocab]) and per-layer keys/values."""
+        Returns logits ([B, vocab] if last_only else [B, S, vocab]) and per-layer keys/values.
+        `select` (bool [B, S]): logits only at those positions, [K, vocab] in row-major order,
+        and no keys/values (the training loss: the output layer is the widest matmul, and
+        keeping every layer's keys/values would defeat activation checkpointing)."""
         cos, sin = self.rope(torch.arange(start_pos, start_pos + h.shape[1], device=h.device))
         kvs = []
         for layer in self.layers:
             h, kv = layer(h, cos, sin, mask)
-            kvs.append(kv)
-        if last_only:
+            if select is None:
+                kvs.append(kv)
+        if select is not None:
+            h = h[select]
+        elif last_only:
             h = h[:, -1]
         return self.output(self.norm(h)), kvs
 

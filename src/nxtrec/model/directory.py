@@ -10,39 +10,20 @@ from pathlib import Path
 
 import torch
 
-from nxtrec.errors import NxtrecError
 from nxtrec.model.config import EncoderConfig, ModelConfig, llama_hidden_dim
+from nxtrec.model.files import (  # noqa: F401 - the directory's names, imported from here too
+    CONFIG_FILE,
+    DTYPES,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_state_dict,
+)
 from nxtrec.model.network import NxtpModel
 from nxtrec.model.tokenizer import Tokenizer
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(NxtrecError):
-    pass
-
-
 def default_model_dir() -> Path:
     return Path(__file__).parents[1] / "assets" / "default-model"
-
-
-def check_state_dict(expected: dict, got: dict, source: str, allow_missing=()) -> None:
-    """Every expected tensor present with the expected shape, nothing unexpected; the error
-    names the key and both shapes."""
-    for key, ref in expected.items():
-        if key not in got:
-            if not any(key.startswith(p) for p in allow_missing):
-                raise CheckpointError(f"{source}: missing tensor {key!r} (expected shape {tuple(ref.shape)})")
-        elif tuple(got[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(got[key].shape)}, the model expects {tuple(ref.shape)}"
-            )
-    extra = sorted(set(got) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
 
 
 def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, empty: bool = False) -> NxtpModel:
@@ -59,7 +40,9 @@ def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, empty: b
 
 
 def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "float32"):
-    """Load (model, tokenizer) from a model directory."""
+    """Load (model, tokenizer) from a model directory. dtype "int8": Linear layers quantised
+    (CPU); a quantised directory (model/quantized.py) loads as int8 whether float32 or int8
+    is asked for, and refuses other dtypes and devices."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -75,7 +58,18 @@ def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "f
         raise CheckpointError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens with the special tokens, config says vocab_size {config.decoder.vocab_size}"
         )
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if config.quantization is not None:
+        from nxtrec.model.quantized import load_quantized
+
+        return load_quantized(path, config, device, torch.float32 if dtype == "int8" else _dtype(dtype)), tokenizer
+    if dtype == "int8":
+        from nxtrec.model.quantized import quantize_int8
+
+        if torch.device(device).type != "cpu":
+            raise CheckpointError(f"{path}: dtype int8 runs on the CPU only, not {device}")
+
+        return quantize_int8(load_model_dir(path, device, "float32")[0]), tokenizer
+    dtype = _dtype(dtype)
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -84,6 +78,10 @@ def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "f
     check_state_dict(model.state_dict(), state, str(path / WEIGHTS_FILE))
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval(), tokenizer
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
 def verify_model_dir(path: str | Path) -> str:
@@ -96,6 +94,10 @@ def verify_model_dir(path: str | Path) -> str:
     tokenizer = Tokenizer(path / TOKENIZER_FILE, config.special_tokens, config.delimiter)
     if tokenizer.vocab_size != config.decoder.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, config says {config.decoder.vocab_size}")
+    if config.quantization is not None:
+        from nxtrec.model.quantized import verify_quantized
+
+        return verify_quantized(path, config)
     weights = path / WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -122,7 +124,12 @@ def save_model_dir(model: NxtpModel, tokenizer_file: str | Path, out: str | Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.config.save(tmp / CONFIG_FILE)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.config.quantization is not None:
+            from nxtrec.model.quantized import quantized_state
+
+            state = quantized_state(model)
+        else:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         _replace_dir(tmp, out)
@@ -165,3 +172,19 @@ PRESETS: dict[str, tuple[EncoderConfig, dict]] = {
         dict(dim=256, n_layers=4, n_heads=4, hidden_dim=llama_hidden_dim(256, multiple_of=32)),
     ),
 }
+
+
+def quantize_model_dir(model_dir: str | Path, out: str | Path) -> Path:
+    """`nxtrec quantize`: load a float model directory, quantise it as `--dtype int8` does at
+    load time, and write the result to `out` (atomically, as every model directory)."""
+    from nxtrec.model.quantized import describe, is_quantized, quantize_int8
+
+    model_dir, out = Path(model_dir), Path(out)
+    config = ModelConfig.load(model_dir / CONFIG_FILE)
+    if is_quantized(config):
+        raise CheckpointError(f"{model_dir}: is already quantised ({describe(config)}); quantise the float model instead")
+    if out.exists() and out.resolve() == model_dir.resolve():
+        raise CheckpointError(f"{out}: is the input model; write the int8 model to another directory")
+    model, _ = load_model_dir(model_dir, dtype=torch.float32)
+    quantize_int8(model)
+    return save_model_dir(model, model_dir / TOKENIZER_FILE, out)

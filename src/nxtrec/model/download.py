@@ -1,5 +1,5 @@
 """`nxtrec download`: fetch a released model's three artifacts and convert them into a model
-directory (DESIGN.md section 12). Nothing in nxtrec downloads anything except this.
+directory (docs/design.md#formats-that-load). Nothing in nxtrec downloads anything except this.
 
 - the released nxtp checkpoint, from its Hugging Face repository (huggingface_hub: cached
   in the Hugging Face cache, resumable, HF_ENDPOINT honoured);

@@ -1,5 +1,5 @@
 """The vision encoder: OpenAI CLIP's ViT with `proj` mapping every token to the decoder
-width (DESIGN.md section 3). Parameter names are CLIP's `visual.*`."""
+width (docs/design.md#vision-encoder). Parameter names are CLIP's `visual.*`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Additive attention masks (DESIGN.md section 7): the inference mask and the decoupled-label
+"""Additive attention masks (docs/design.md#attention-masks): the inference mask and the decoupled-label
 training mask."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ def inference_mask(seq_len: int, num_image_tokens: int, device=None, dtype=torch
     """Additive [S, S]: causal, plus full attention among the image tokens [0, P)."""
     i = torch.arange(seq_len, device=device)
     allowed = (i[None, :] <= i[:, None]) | ((i[:, None] < num_image_tokens) & (i[None, :] < num_image_tokens))
-    return _additive(allowed, dtype)
+    return additive(allowed, dtype)
 
 
 def training_mask(
@@ -36,9 +36,10 @@ def training_mask(
     image = (pos[:, None] < num_image_tokens) & (pos[None, :] < num_image_tokens)
     prefix_keys = (pos[None, :] <= answer_index) & (causal | image)
     allowed = prefix_keys[None] | (q_ok & same_seg & causal[None])
-    return _additive(allowed, dtype)[:, None]
+    return additive(allowed, dtype)[:, None]
 
 
-def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+def additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean "may attend" tensor as an additive mask: 0 where allowed, -inf elsewhere."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, torch.tensor(float("-inf"), dtype=dtype, device=allowed.device))

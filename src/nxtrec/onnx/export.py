@@ -45,21 +45,10 @@ from nxtrec.inference.ranking import MAX_LABEL_TOKENS  # recorded in the JSON
 from nxtrec.model.config import ModelConfig
 from nxtrec.model.network import NxtpModel
 from nxtrec.model.tokenizer import Tokenizer
-from nxtrec.onnx.graphs import (
-    EncoderGraph,
-    PrefillGraph,
-    StepGraph,
-    graph_signatures,
-    kv_names,
-)
+from nxtrec.onnx.format import DECODER_DATA, ENCODER_DATA, FILES, FORMAT, FORMAT_VERSION, MANIFEST, kv_names
+from nxtrec.onnx.graphs import EncoderGraph, PrefillGraph, StepGraph, graph_signatures
 from nxtrec.onnx.integrity import file_records
 from nxtrec.onnx.layout import (
-    DECODER_DATA,
-    ENCODER_DATA,
-    FILES,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
     OnnxExportError,
     check_out_dir,
     export_module,
@@ -67,7 +56,7 @@ from nxtrec.onnx.layout import (
 )
 from nxtrec.onnx.quantize import quantize_dir
 from nxtrec.onnx.validate import (
-    _default_tolerance,
+    default_tolerance,
     sample_pixels,
     torch_reference,
     validate_export,
@@ -184,6 +173,25 @@ def build_manifest(config: ModelConfig, tokenizer: Tokenizer, dtype: str, source
     }
 
 
+def check_against_reference(float_dir: Path, manifest: dict, ref, sample: str, dtype: str,
+                            tolerance: float | None, log=print) -> None:
+    """Run the exported graphs in ONNX Runtime against PyTorch's outputs `ref`; the largest
+    differences go into `manifest["validation"]`. Above the tolerance (by default the dtype's)
+    the manifest is written marked as failed and the export is an error."""
+    diffs = validate_export(float_dir, ref, log=log)
+    manifest["validation"] = {"max_abs_diff": diffs, "sample": sample}
+    limit = tolerance if tolerance is not None else default_tolerance(dtype)
+    if limit is None:
+        log(f"({dtype} export: differences reported, not checked against a tolerance)")
+    elif max(diffs.values()) > limit:
+        manifest["validation"]["failed"] = True
+        (float_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        raise OnnxExportError(
+            f"validation failed: max difference {max(diffs.values()):.3g} > tolerance {limit:g} "
+            f"({', '.join(f'{k} {v:.2e}' for k, v in diffs.items())})"
+        )
+
+
 def export_onnx(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -226,18 +234,7 @@ def export_onnx(
         gc.collect()
         sample = str(image) if image else "seeded noise"
         if ref is not None:
-            diffs = validate_export(float_dir, ref, log=log)
-            manifest["validation"] = {"max_abs_diff": diffs, "sample": sample}
-            limit = tolerance if tolerance is not None else _default_tolerance(dtype)
-            if limit is None:
-                log(f"({dtype} export: differences reported, not checked against a tolerance)")
-            elif max(diffs.values()) > limit:
-                manifest["validation"]["failed"] = True
-                (float_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-                raise OnnxExportError(
-                    f"validation failed: max difference {max(diffs.values()):.3g} > tolerance {limit:g} "
-                    f"({', '.join(f'{k} {v:.2e}' for k, v in diffs.items())})"
-                )
+            check_against_reference(float_dir, manifest, ref, sample, dtype, tolerance, log)
         if quantize:
             float_validation = manifest.get("validation")
             manifest = quantize_dir(float_dir, out_dir, log=log)

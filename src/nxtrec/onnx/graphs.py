@@ -12,6 +12,7 @@ from nxtrec.model.config import ModelConfig
 from nxtrec.model.decoder import Decoder, rope_cos_sin
 from nxtrec.model.masks import inference_mask
 from nxtrec.model.network import NxtpModel
+from nxtrec.onnx.format import kv_names
 
 
 class EncoderGraph(nn.Module):
@@ -130,10 +131,6 @@ class ReleasedDecoderPart(nn.Module):
         for i in self.layer_ids:
             h, _ = dec.layers[i](h, cos, sin, mask)
         return dec.output(dec.norm(h[:, -1:]))[:, 0] if self.head else h
-
-
-def kv_names(prefix: str, n_layers: int) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
 
 
 def graph_signatures(config: ModelConfig, dtype: str = "float32") -> dict:

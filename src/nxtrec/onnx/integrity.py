@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from nxtrec.errors import NxtrecError
+from nxtrec.onnx.format import MANIFEST
 
-MANIFEST = "nxtrec-onnx.json"
 _CHUNK = 1 << 22
 
 

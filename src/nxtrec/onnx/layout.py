@@ -1,5 +1,5 @@
-"""The files of an ONNX export: their names, the manifest's format, and writing graphs whose
-weights live in external data files shared between graphs."""
+"""Writing the files of an ONNX export (their names: nxtrec.onnx.format): graphs whose weights
+live in external data files shared between graphs, and the checks of the output folder."""
 
 from __future__ import annotations
 
@@ -14,20 +14,8 @@ from pathlib import Path
 import torch
 
 from nxtrec.errors import NxtrecError
+from nxtrec.onnx.format import DECODER_DATA, ENCODER_DATA, FILES, MANIFEST, RELEASED_FILES
 
-MANIFEST = "nxtrec-onnx.json"
-FORMAT = "nxtrec-onnx"
-FORMAT_VERSION = 1
-FILES = {
-    "encoder": "encoder.onnx",
-    "embeddings": "embeddings.npy",
-    "prefill": "decoder_prefill.onnx",
-    "step": "decoder_step.onnx",
-    "tokenizer": "tokenizer.model",
-}
-ENCODER_DATA = "encoder.onnx.data"
-DECODER_DATA = "decoder.data"
-RELEASED_FILES = ("encoder.onnx", "Wte.npz", "decoder_p1.onnx", "decoder_p2.onnx", "decoder_p3.onnx")
 OPSET = 18
 
 # Large external tensors are aligned so ONNX Runtime can memory-map them.

@@ -8,11 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nxtrec.onnx.format import DECODER_DATA, ENCODER_DATA, FILES, MANIFEST
 from nxtrec.onnx.layout import (
-    DECODER_DATA,
-    ENCODER_DATA,
-    FILES,
-    MANIFEST,
     OnnxExportError,
     file_sizes,
     quiet,

@@ -61,11 +61,11 @@ def export_released_layout_dir(model_dir: str | Path, out_dir: str | Path, valid
         ref = torch_reference(model, tokenizer, sample_pixels(model.config), branches=1)
         del model
         gc.collect()
-        from nxtrec.onnx import runtime as rt
+        from nxtrec.onnx.recognizer import OnnxRecognizer
 
-        rec = rt.OnnxRecognizer(out_dir)
+        rec = OnnxRecognizer(out_dir)
         enc = rec.encode(ref["pixels"])
-        logits = rec.run_released(rec.prefix_embeddings(enc))
+        logits = rec.decoder.run(rec.prefix_embeddings(enc))
         diffs = {"encoder": float(np.abs(enc - ref["image_tokens"]).max()),
                  "prefill_logits": float(np.abs(logits - ref["prefill_logits"]).max())}
         log("validation (max |ONNX Runtime - PyTorch|): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

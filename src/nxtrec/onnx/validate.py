@@ -13,8 +13,7 @@ from nxtrec.model.config import ModelConfig
 from nxtrec.model.decoder import BranchRows
 from nxtrec.model.network import NxtpModel
 from nxtrec.model.tokenizer import Tokenizer
-from nxtrec.onnx.graphs import kv_names
-from nxtrec.onnx.layout import FILES, MANIFEST
+from nxtrec.onnx.format import FILES, MANIFEST, kv_names
 
 
 def torch_reference(model: NxtpModel, tokenizer: Tokenizer, pixels: torch.Tensor, branches: int = 3) -> dict:
@@ -55,24 +54,24 @@ def torch_reference(model: NxtpModel, tokenizer: Tokenizer, pixels: torch.Tensor
 def validate_export(out_dir: Path, ref: dict, log=print) -> dict:
     """Run ONNX Runtime on the reference inputs and return the max absolute differences.
     Sessions are opened one at a time (each decoder graph holds the full weights)."""
-    from nxtrec.onnx import runtime as rt
+    from nxtrec.onnx.sessions import NP_DTYPES, make_session
 
     out_dir = Path(out_dir)
     manifest = json.loads((out_dir / MANIFEST).read_text())
     diffs = {}
-    sess = rt.make_session(out_dir / FILES["encoder"])
+    sess = make_session(out_dir / FILES["encoder"])
     image_tokens = sess.run(None, {"pixels": ref["pixels"]})[0]
     diffs["encoder"] = float(np.abs(image_tokens.astype(np.float32) - ref["image_tokens"]).max())
     del sess
-    np_dtype = rt.NP_DTYPES[manifest["dtype"]]
-    sess = rt.make_session(out_dir / FILES["prefill"])
+    np_dtype = NP_DTYPES[manifest["dtype"]]
+    sess = make_session(out_dir / FILES["prefill"])
     out = sess.run(None, {"inputs_embeds": ref["prefix"].astype(np_dtype)})
     diffs["prefill_logits"] = float(np.abs(out[0] - ref["prefill_logits"]).max())
     diffs["prefill_kv"] = max(float(np.abs(a.astype(np.float32) - b).max()) for a, b in zip(out[1:], ref["prefill_kv"]))
     del sess, out
     gc.collect()
     table = np.load(out_dir / FILES["embeddings"], mmap_mode="r")
-    sess = rt.make_session(out_dir / FILES["step"])
+    sess = make_session(out_dir / FILES["step"])
     k, b = ref["branches"], ref["pixels"].shape[0]
     h, hd, L = manifest["n_heads"], manifest["head_dim"], manifest["n_layers"]
     # the prefill through the step graph (empty prefix and past), as the runtime runs it
@@ -111,7 +110,7 @@ def sample_pixels(config: ModelConfig, image: str | Path | None = None, batch: i
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def _default_tolerance(dtype: str) -> float | None:
+def default_tolerance(dtype: str) -> float | None:
     """Float32 graphs must match PyTorch closely; float16 (and int8) differences are reported,
     not enforced (they depend on the weights)."""
     return 1e-2 if dtype == "float32" else None

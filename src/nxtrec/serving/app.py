@@ -1,6 +1,6 @@
 """The FastAPI application of `nxtrec serve`.
 
-    app = create_app(load_engine(), ServeConfig(max_batch=16))
+    app = create_app(start_engine_process(), ServeConfig(max_batch=16))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: POST /v1/tag, GET /healthz, /readyz, /metrics, /openapi.json, /docs (an offline
@@ -20,9 +20,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
+from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.inference.ranking import keep_labels
 from nxtrec.serving.batcher import Batcher, Job, QueueFull
-from nxtrec.serving.engine import Engine
 from nxtrec.serving.metrics import Metrics
 from nxtrec.serving.middleware import ApiKey, BodyLimit, RequestMetrics
 from nxtrec.serving.uploads import RequestError, decode, read_uploads
@@ -58,17 +58,17 @@ class ServeConfig:
 
 
 @dataclass
-class TagOptions:
-    top_k: int
+class RequestOptions:
+    decode: DecodeOptions  # the service's options with this request's top_k and maps
     min_prob: float
-    maps: bool
 
 
-def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
+def create_app(engine: Engine, config: ServeConfig | None = None, options: DecodeOptions | None = None) -> FastAPI:
+    """`options`: the service's decoding options (a tag list); each request sets top_k and maps."""
     config = config or ServeConfig()
     metrics = Metrics()
-    batcher = Batcher(lambda pixels, options: engine.predict_arrays(pixels, *options), config.max_batch,
-                      config.max_wait_ms / 1000, config.queue, metrics.observe_batch)
+    batcher = Batcher(engine.predict_batch, config.max_batch, config.max_wait_ms / 1000, config.queue,
+                      metrics.observe_batch)  # fmt: skip
     metrics.queue_depth = lambda: batcher.depth
 
     @asynccontextmanager
@@ -82,6 +82,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="nxtrec", summary="Open-vocabulary image tagging", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.engine, app.state.batcher, app.state.metrics, app.state.config = engine, batcher, metrics, config
+    app.state.options = options or DecodeOptions()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_routes(app)
     # The last added is the outermost: metrics see every answer, 401 and 413 included.
@@ -107,7 +108,7 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", summary="The model is loaded and the inference worker runs")
     async def readyz(request: Request):
-        if not (request.app.state.batcher.alive and request.app.state.engine.alive()):
+        if not (request.app.state.batcher.alive and _alive(request.app.state.engine)):
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "model": request.app.state.engine.name}
 
@@ -138,13 +139,13 @@ async def _tag(request: Request, query: dict) -> dict:
     config: ServeConfig = state.config
     engine: Engine = state.engine
     uploads, fields = await read_uploads(request, config.max_images)
-    options = _options(query, fields, config, engine)
+    options = _options(query, fields, config, engine, state.options)
     decoded = [
         await anyio.to_thread.run_sync(decode, upload, engine, config.max_pixels, limiter=state.decode_limiter)
         for upload in uploads
     ]
     try:
-        jobs = state.batcher.submit([d.pixels for d in decoded], (options.top_k, options.maps))
+        jobs = state.batcher.submit([d.pixels for d in decoded], options.decode)
     except QueueFull:
         raise RequestError(503, f"queue full ({config.queue} images waiting); retry shortly") from None
     try:
@@ -152,7 +153,7 @@ async def _tag(request: Request, query: dict) -> dict:
     except RequestError:
         raise
     except Exception as e:  # noqa: BLE001 - the model failed on this batch: the reason, as JSON
-        status = 500 if engine.alive() else 503  # 503: the model process has ended (readyz says so too)
+        status = 500 if _alive(engine) else 503  # 503: the model process has ended (readyz says so too)
         raise RequestError(status, f"model failure: {e}") from None
     return {
         "model": engine.name,
@@ -164,7 +165,14 @@ async def _tag(request: Request, query: dict) -> dict:
     }
 
 
-def _options(query: dict, fields: dict[str, str], config: ServeConfig, engine: Engine) -> TagOptions:
+def _alive(engine: Engine) -> bool:
+    """False once the model process of a `ModelProcesses` engine has ended."""
+    alive = getattr(engine, "alive", None)
+    return alive() if alive is not None else True
+
+
+def _options(query: dict, fields: dict[str, str], config: ServeConfig, engine: Engine,
+             base: DecodeOptions) -> RequestOptions:  # fmt: skip
     """Options from the query string, or from multipart form fields (same names and bounds)."""
     values = dict(query)
     for name, convert, low, high in (("top_k", int, 1, MAX_TOP_K), ("min_prob", float, 0.0, 1.0), ("maps", _boolean, None, None)):
@@ -176,10 +184,11 @@ def _options(query: dict, fields: dict[str, str], config: ServeConfig, engine: E
             raise RequestError(422, f"form field {name}: invalid value {fields[name]!r}") from None
         if low is not None and not low <= values[name] <= high:
             raise RequestError(422, f"form field {name}: {values[name]} is outside [{low}, {high}]")
-    options = TagOptions(values.get("top_k") or config.default_top_k, values.get("min_prob") or 0.0, bool(values.get("maps")))
-    if options.maps and not engine.supports_maps:
+    maps = bool(values.get("maps"))
+    if maps and not engine.capabilities.maps:
         raise RequestError(422, "maps=true needs a PyTorch model (serve --model); this service runs ONNX")
-    return options
+    decode = DecodeOptions.of(base, top_k=values.get("top_k") or config.default_top_k, maps=maps)
+    return RequestOptions(decode, values.get("min_prob") or 0.0)
 
 
 def _boolean(text: str) -> bool:

@@ -1,4 +1,5 @@
-"""The model in a process of its own, seen through the same `Engine` interface.
+"""The model in a process of its own, seen through the same `Engine` interface
+(nxtrec.inference.engine) as a model loaded in this process.
 
 In the server's process, the event loop, the request threads and the batching worker run
 Python code nearly all the time, and a model there waits for the GIL between its operators:
@@ -23,14 +24,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
 
+from nxtrec.engines import load_engine
 from nxtrec.errors import NxtrecError
+from nxtrec.inference.engine import Capabilities, DecodeOptions, Preprocessing
+from nxtrec.inference.ranking import Label
 from nxtrec.inference.threads import threads_per_process
-from nxtrec.serving.engine import Engine, load_engine
 
 STOP = None  # the message that ends the child
 SHM = "/dev/shm"  # memory-backed files on Linux; elsewhere the pixels file is an ordinary temporary file
@@ -39,30 +42,46 @@ SHM = "/dev/shm"  # memory-backed files on Linux; elsewhere the pixels file is a
 @dataclass
 class EngineInfo:
     name: str
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    supports_maps: bool
+    preprocessing: Preprocessing
+    capabilities: Capabilities
+    vocab_size: int
+
+
+class ModelProcesses:
+    """An `Engine` whose model runs in `processes` child processes: each batch is split
+    between them. `alive()` is False once one of them has ended."""
+
+    def __init__(self, info: EngineInfo, pool: _Pool):
+        self.name, self.preprocessing = info.name, info.preprocessing
+        self.capabilities, self.vocab_size = info.capabilities, info.vocab_size
+        self.pool = pool
+
+    def predict_batch(self, pixels: np.ndarray, options: DecodeOptions | None = None, **changes) -> list[list[Label]]:
+        return self.pool.predict(pixels, DecodeOptions.of(options, **changes))
+
+    def alive(self) -> bool:
+        return self.pool.alive()
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def start_engine_process(model: str | None = None, onnx: str | None = None, device: str = "cpu",
-                         dtype: str = "float32", decode_options: dict | None = None, processes: int = 1) -> Engine:
+                         dtype: str = "float32", processes: int = 1) -> ModelProcesses:
     """`load_engine` in `processes` child processes; raises `NxtrecError` with a child's message
-    when the model cannot be loaded. Each batch is split between them; with several, each
-    runs its share on cores/processes threads (or $OMP_NUM_THREADS). A child is a fresh
-    interpreter (`python -m`, not multiprocessing's spawn, which would re-run the caller's
-    main script)."""
-    load = {"model": model, "onnx": onnx, "device": device, "dtype": dtype, "decode_options": decode_options}
+    when the model cannot be loaded. With several, each runs its share of a batch on
+    cores/processes threads (or $OMP_NUM_THREADS). A child is a fresh interpreter (`python -m`,
+    not multiprocessing's spawn, which would re-run the caller's main script)."""
+    load = {"model": model, "onnx": onnx, "device": device, "dtype": dtype}
     threads = threads_per_process(processes) if processes > 1 else None
     clients = [_Client.start(load, threads) for _ in range(processes)]  # they load at the same time
     pool = _Pool(clients)
     try:
-        info = EngineInfo(**pool.receive_all()[0])
+        info = pool.receive_all()[0]
     except NxtrecError:
         pool.close()
         raise
-    return Engine(info.name, info.image_size, info.mean, info.std, pool.predict, info.supports_maps,
-                  alive=pool.alive, close=pool.close)
+    return ModelProcesses(info, pool)
 
 
 class _Pool:
@@ -89,12 +108,12 @@ class _Pool:
             raise error
         return replies
 
-    def predict(self, pixels: np.ndarray, top_k: int, maps: bool) -> list:
+    def predict(self, pixels: np.ndarray, options: DecodeOptions) -> list:
         shares = np.array_split(pixels, min(len(self.clients), len(pixels)))
         with self.lock:
             busy = self.clients[: len(shares)]
             for client, share in zip(busy, shares):
-                client.send(share, top_k, maps)
+                client.send(share, options)
             return [labels for reply in self.receive_all(busy) for labels in reply]
 
     def close(self) -> None:
@@ -138,10 +157,10 @@ class _Client:
             raise NxtrecError(value)
         return value
 
-    def send(self, pixels: np.ndarray, top_k: int, maps: bool) -> None:
+    def send(self, pixels: np.ndarray, options: DecodeOptions) -> None:
         np.copyto(self.pixels.view(pixels.shape, grow=True), pixels)
         try:
-            self.conn.send((pixels.shape, top_k, maps))
+            self.conn.send((pixels.shape, options))
         except OSError:
             pass  # the child is gone; receive() says so
 
@@ -197,8 +216,7 @@ def _serve(conn: Connection, pixels: _SharedPixels) -> None:
     except Exception as e:  # noqa: BLE001 - the server reports it and exits
         conn.send(("error", str(e) if isinstance(e, NxtrecError) else f"{type(e).__name__}: {e}"))
         return
-    info = EngineInfo(engine.name, engine.image_size, tuple(engine.mean), tuple(engine.std), engine.supports_maps)
-    conn.send(("ok", asdict(info)))
+    conn.send(("ok", EngineInfo(engine.name, engine.preprocessing, engine.capabilities, engine.vocab_size)))
     while True:
         try:
             message = conn.recv()
@@ -206,16 +224,20 @@ def _serve(conn: Connection, pixels: _SharedPixels) -> None:
             return  # the server is gone
         if message is STOP:
             return
-        shape, top_k, maps = message
+        shape, options = message
         try:
-            reply = ("ok", engine.predict_arrays(pixels.view(shape), top_k, maps))
+            reply = ("ok", engine.predict_batch(pixels.view(shape), options))
         except Exception as e:  # noqa: BLE001 - answered as a failed batch (500); the model lives on
             reply = ("error", f"{type(e).__name__}: {e}")
         conn.send(reply)
 
 
 if __name__ == "__main__":
+    # Run the importable module's own code, so that what is pickled back (EngineInfo) names
+    # nxtrec.serving.model_process, not __main__.
+    from nxtrec.serving import model_process
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with Connection(int(sys.argv[1])) as connection:
-        _serve(connection, _SharedPixels(int(sys.argv[2])))
+        model_process._serve(connection, model_process._SharedPixels(int(sys.argv[2])))

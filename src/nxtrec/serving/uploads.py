@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from nxtrec.model.image import ImageError, load_image
-from nxtrec.serving.engine import Engine
+from nxtrec.inference.engine import Engine
 
 # Declared content types taken as "maybe an image"; the bytes decide (422 if they are not).
 # A missing type counts as unknown, not as wrong (curl --data-binary sends none useful).
@@ -89,4 +89,4 @@ def decode(upload: Upload, engine: Engine, max_pixels: int | None = None) -> Dec
         img = load_image(upload.data, max_pixels=max_pixels)
     except ImageError as e:
         raise RequestError(422, str(e).replace("<bytes>", upload.name, 1)) from None
-    return DecodedImage(engine.preprocess(img), img.width, img.height)
+    return DecodedImage(engine.preprocessing.array(img), img.width, img.height)

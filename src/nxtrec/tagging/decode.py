@@ -4,20 +4,13 @@ Runs in loader worker processes; a bad input becomes an error message, never an 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from nxtrec.model.image import ImageError, ImageInput, load_image, preprocess_array
+from nxtrec.inference.engine import Preprocessing
+from nxtrec.model.image import ImageError, ImageInput, load_image
 from nxtrec.tagging.inputs import TarMember
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    size: int
-    mean: Sequence[float]
-    std: Sequence[float]
 
 
 @dataclass
@@ -37,14 +30,14 @@ def _read_member(member: TarMember) -> bytes:
     return data
 
 
-def decode(index: int, name: str, source: ImageInput | TarMember | None, prep: Preprocess, out: np.ndarray) -> Decoded:
+def decode(index: int, name: str, source: ImageInput | TarMember | None, prep: Preprocessing, out: np.ndarray) -> Decoded:
     """Decode and preprocess one image into `out` [3, S, S]; `name` (its id) names it in
     error messages."""
     try:
         if source is None:
             raise ImageError("no image in this sample")
         img = load_image(_read_member(source) if isinstance(source, TarMember) else source)
-        preprocess_array(img, prep.size, prep.mean, prep.std, out=out)
+        prep.array(img, out=out)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop a job over millions
         reason = str(e).removeprefix("<bytes>: ") if isinstance(e, (ImageError, OSError)) else f"{type(e).__name__}: {e}"
         return Decoded(index, error=reason if reason.startswith(name) else f"{name}: {reason}")

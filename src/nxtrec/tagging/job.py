@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from nxtrec.distributed import RankInfo, setup_distributed
+from nxtrec.engines import capabilities_of, check_engine_choice, load_engine
 from nxtrec.errors import NxtrecError
-from nxtrec.tagging.decode import Preprocess
+from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.tagging.inputs import InputItem, collect_inputs, inputs_digest
 from nxtrec.tagging.output import TagOutput
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
@@ -30,6 +31,8 @@ class TagOptions:
     onnx: str | None = None
     top_k: int = 10
     extra_k: int = 0
+    ranking: str = "prob"
+    compat: str | None = None  # "reference": the reference implementation's outputs
     min_prob: float = 0.0
     max_labels: int | None = None
     fmt: str = "jsonl"
@@ -46,14 +49,10 @@ class TagOptions:
     map_to: str | None = None  # a tag list to map free labels to (nxtrec.inference.mapping)
     map_threshold: float = 0.5
 
-    def decode_options(self) -> dict:
-        """The tag-list arguments of `predict_batch`, those given."""
-        if self.vocab and self.map_to:
-            raise NxtrecError("give either --vocab (constrained decoding) or --map-to (map free labels), not both")
-        out = {"vocab": self.vocab} if self.vocab else {}
-        if self.map_to:
-            out.update(map_to=self.map_to, map_threshold=self.map_threshold)
-        return out
+    def decode_options(self) -> DecodeOptions:
+        return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
+                             vocab=self.vocab, map_to=self.map_to, map_threshold=self.map_threshold,
+                             compat=self.compat)  # fmt: skip
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "part_size"):
@@ -63,14 +62,14 @@ class TagOptions:
             raise NxtrecError("--max-labels must be at least 1")
         if self.workers < 0 or self.extra_k < 0:
             raise NxtrecError("--workers and --extra-k cannot be negative")
-        if self.model and self.onnx:
-            raise NxtrecError("give either --model or --onnx, not both")
+        check_engine_choice(self.model, self.onnx, self.device, self.dtype)
+        self.decode_options().check(capabilities_of(onnx=bool(self.onnx)))
         if self.processes > 1 and self.onnx:
             raise NxtrecError("--onnx runs in one process; use the PyTorch path (--model) with --processes")
         if self.processes > 1 and self.list_file == "-":
             raise NxtrecError("--processes cannot share standard input (--list -); write the list to a file")
-        if self.maps and (self.onnx or self.fmt != "jsonl"):
-            raise NxtrecError("--maps needs the PyTorch path (--model, not --onnx) and --format jsonl")
+        if self.maps and self.fmt != "jsonl":
+            raise NxtrecError("--maps needs --format jsonl")
 
     def settings(self, items: list[InputItem]) -> dict:
         """Everything the records depend on: a folder is resumed only with the same settings.
@@ -81,27 +80,12 @@ class TagOptions:
             model = os.path.abspath(self.model) if self.model else "bundled default model"
         options = {"top_k": self.top_k, "extra_k": self.extra_k, "min_prob": self.min_prob, "max_labels": self.max_labels,
                    "format": self.fmt, "part_size": self.part_size, "dtype": self.dtype, "maps": self.maps}  # fmt: skip
-        options.update(self.decode_options())
+        # only when not the default, so that folders written before these options resume
+        options.update({"ranking": self.ranking} if self.ranking != "prob" else {})
+        options.update({"compat": self.compat} if self.compat else {})
+        options.update({"vocab": self.vocab} if self.vocab else {})
+        options.update({"map_to": self.map_to, "map_threshold": self.map_threshold} if self.map_to else {})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
-
-
-@dataclass
-class Ranks:
-    """This process's place among torchrun's processes (one process by default)."""
-
-    rank: int = 0
-    world: int = 1
-    gather: Callable = lambda obj: [obj]
-    barrier: Callable = lambda: None
-    close: Callable = lambda: None
-
-
-@dataclass
-class Engine:
-    predict: Callable  # pixels [B, 3, S, S] -> ranked labels per image
-    prep: Preprocess
-    as_tensor: bool  # the model takes torch tensors (else numpy arrays)
-    name: str
 
 
 @dataclass
@@ -119,45 +103,16 @@ class TagSummary:
                 f"this run: {self.new_images} images in {self.seconds:.1f} s, {rate:.1f} images/s")  # fmt: skip
 
 
-def _torch_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
-    from nxtrec.inference.recognizer import Recognizer
-
-    ranks, device = Ranks(), opts.device
-    if "WORLD_SIZE" in os.environ:
-        import torch.distributed as dist
-
-        from nxtrec.training.distributed import (
-            barrier,
-            gather_objects,
-            setup_distributed,
-        )
-
-        info = setup_distributed("cuda" if opts.device.startswith("cuda") else "cpu")
-        device = str(info.device)
-        close = dist.destroy_process_group if info.initialised_here else (lambda: None)
-        ranks = Ranks(info.rank, info.world, lambda obj: gather_objects(obj, info), lambda: barrier(info), close)
-    rec = Recognizer.from_pretrained(opts.model, device=device, dtype=opts.dtype)
-    cfg = rec.config
-
-    def predict(pixels):
-        return rec.predict_batch(pixels, top_k=opts.top_k, extra_k=opts.extra_k, maps=opts.maps, **opts.decode_options())
-
-    prep = Preprocess(cfg.encoder.image_size, cfg.image_mean, cfg.image_std)
-    return Engine(predict, prep, True, f"pytorch {device} {opts.dtype}"), ranks
-
-
-def _onnx_engine(opts: TagOptions) -> tuple[Engine, Ranks]:
-    from nxtrec.onnx.runtime import OnnxRecognizer
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NxtrecError("--onnx runs in one process; use the PyTorch path (--model) under torchrun")
-    rec = OnnxRecognizer(opts.onnx)
-
-    def predict(pixels):
-        return rec.predict_batch(pixels, top_k=opts.top_k, extra_k=opts.extra_k, **opts.decode_options())
-
-    prep = Preprocess(rec.image_size, rec.config.image_mean, rec.config.image_std)
-    return Engine(predict, prep, False, "onnxruntime cpu"), Ranks()
+def _join_ranks(opts: TagOptions) -> tuple[RankInfo, str]:
+    """This process's place under torchrun (one process by default) and the device it runs on."""
+    if "WORLD_SIZE" not in os.environ:
+        return RankInfo(), opts.device
+    if opts.onnx:
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            raise NxtrecError("--onnx runs in one process; use the PyTorch path (--model) under torchrun")
+        return RankInfo(), opts.device
+    info = setup_distributed("cuda" if opts.device.startswith("cuda") else "cpu")
+    return info, str(info.device)
 
 
 def _tag_parts(engine: Engine, items: list[InputItem], parts: list[int], opts: TagOptions,
@@ -167,8 +122,10 @@ def _tag_parts(engine: Engine, items: list[InputItem], parts: list[int], opts: T
     plan = [r for p in parts for r in batch_ranges(p * size, min((p + 1) * size, n), opts.batch_size)]
     if not plan:
         return
-    batches = prefetched_batches(BatchDecoder(items, plan, engine.prep), opts.workers, engine.as_tensor)
-    results = tag_batches(engine.predict, items, batches, opts.min_prob, opts.max_labels)
+    batches = prefetched_batches(BatchDecoder(items, plan, engine.preprocessing), opts.workers)
+    options = opts.decode_options()
+    results = tag_batches(lambda pixels: engine.predict_batch(pixels, options), items, batches, opts.min_prob,
+                          opts.max_labels)  # fmt: skip
     for p in parts:
         part = []
         for result in islice(results, min((p + 1) * size, n) - p * size):
@@ -185,8 +142,9 @@ def run_tag(opts: TagOptions) -> TagSummary:
     output = TagOutput(opts.out, opts.fmt)
     settings = opts.settings(items)
     output.check(settings, opts.overwrite)
-    engine, ranks = _onnx_engine(opts) if opts.onnx else _torch_engine(opts)
+    ranks, device = _join_ranks(opts)
     try:
+        engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype)
         if ranks.rank == 0:
             output.prepare(settings, opts.overwrite)
         ranks.barrier()
@@ -210,7 +168,8 @@ def run_tag(opts: TagOptions) -> TagSummary:
         counts = {}
         if ranks.rank == 0:
             this_run = {"images": new_images, "seconds": round(seconds, 3), "images_per_s": round(new_images / max(seconds, 1e-9), 2)}
-            extra = {"engine": engine.name, "world_size": ranks.world, "batch_size": opts.batch_size, "this_run": this_run}
+            name = "onnxruntime cpu" if opts.onnx else f"pytorch {device} {opts.dtype}"
+            extra = {"engine": name, "world_size": ranks.world, "batch_size": opts.batch_size, "this_run": this_run}
             counts = output.finish(settings, num_parts, extra)
         return TagSummary(counts, new_images, seconds, output.folder)
     finally:

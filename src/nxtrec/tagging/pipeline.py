@@ -1,5 +1,5 @@
 """From batches of decoded images to per-image results: the core shared by `nxtrec tag` and
-`Recognizer.tag` (torch-free itself; the model is behind `predict_batch`)."""
+`tag_images`, for any engine (torch-free itself; the model is behind `predict_batch`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
+from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.inference.ranking import Label, keep_labels
-from nxtrec.tagging.decode import Preprocess, image_name
+from nxtrec.tagging.decode import image_name
 from nxtrec.tagging.inputs import InputItem
-from nxtrec.tagging.prefetch import Batch, BatchDecoder, prefetched_batches
+from nxtrec.tagging.prefetch import BatchDecoder, DecodedBatch, prefetched_batches
 
-# Recognizer.tag starts fresh loader workers for every this many images of its iterable.
+# tag_images starts fresh loader workers for every this many images of its iterable.
 CHUNK_IMAGES = 1024
 
 
@@ -37,7 +38,7 @@ def batch_ranges(start: int, end: int, batch_size: int) -> list[range]:
 
 
 def tag_batches(
-    predict_batch: Callable, items: Sequence[InputItem], batches: Iterable[Batch],
+    predict_batch: Callable, items: Sequence[InputItem], batches: Iterable[DecodedBatch],
     min_prob: float = 0.0, max_labels: int | None = None,
 ) -> Iterator[TagResult]:  # fmt: skip
     """One result per input, in input order; `predict_batch(pixels)` gives ranked labels."""
@@ -52,21 +53,22 @@ def tag_batches(
 
 
 def tag_images(
-    recognizer, images: Iterable, top_k: int = 10, batch_size: int = 8, num_workers: int = 2,
-    min_prob: float = 0.0, max_labels: int | None = None, **kwargs,
+    engine: Engine, images: Iterable, top_k: int = 10, batch_size: int = 8, num_workers: int = 2,
+    min_prob: float = 0.0, max_labels: int | None = None, **options,
 ) -> Iterator[TagResult]:  # fmt: skip
-    """`Recognizer.tag`: results for any iterable of images (paths, bytes, PIL images), read
-    lazily in chunks; ids are the paths, or positions for bytes and PIL images."""
-    cfg = recognizer.config
-    prep = Preprocess(cfg.encoder.image_size, cfg.image_mean, cfg.image_std)
+    """A `TagResult(id, labels, width, height, error)` per image of any iterable (paths, bytes,
+    PIL images), in order, as batches finish: images are decoded in `num_workers` processes
+    while the engine runs, read lazily in chunks, and a bad image gives `error` instead of
+    raising. Ids are the paths, or positions for bytes and PIL images. Keyword arguments are
+    `DecodeOptions`."""
+    decode_options = DecodeOptions.of(top_k=top_k, **options)
 
     def predict(pixels):
-        return recognizer.predict_batch(pixels, top_k=top_k, **kwargs)
+        return engine.predict_batch(pixels, decode_options)
 
     images, offset = iter(images), 0
     while chunk := list(islice(images, CHUNK_IMAGES)):
         items = [InputItem(image_name(im, offset + i), im) for i, im in enumerate(chunk)]
-        decoder = BatchDecoder(items, batch_ranges(0, len(items), batch_size), prep)
-        batches = prefetched_batches(decoder, num_workers, as_tensor=True)
-        yield from tag_batches(predict, items, batches, min_prob, max_labels)
+        decoder = BatchDecoder(items, batch_ranges(0, len(items), batch_size), engine.preprocessing)
+        yield from tag_batches(predict, items, prefetched_batches(decoder, num_workers), min_prob, max_labels)
         offset += len(chunk)

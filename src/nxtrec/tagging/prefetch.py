@@ -3,11 +3,10 @@
 A plan is a list of index ranges (one batch each) into the input list. Workers decode each
 batch straight into a slot of a ring of batch buffers: one shared memory mapping, made
 before the workers start and kept by all of them, so handing a batch to the model copies
-nothing and maps nothing. (A fresh shared-memory batch per hand-over has its pages created,
-faulted in and freed every time: measured, the workers' kernel time per image went from
-0.15 to 0.06 ms with the ring.) At most two batches per worker are in flight, so memory
-does not grow with the number of images. Torch-free: the PyTorch path only wraps the slot in
-a tensor."""
+nothing and maps nothing (a fresh shared-memory batch per hand-over would have its pages
+created, faulted in and freed every time; docs/tag.md has the figures). At most two batches
+per worker are in flight, so memory
+does not grow with the number of images. Torch-free: both engines take the slot's numpy array."""
 
 from __future__ import annotations
 
@@ -23,29 +22,29 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from nxtrec.errors import NxtrecError
-from nxtrec.tagging.decode import Decoded, Preprocess, decode
+from nxtrec.inference.engine import Preprocessing
+from nxtrec.tagging.decode import Decoded, decode
 from nxtrec.tagging.inputs import InputItem
 
 BATCHES_PER_WORKER = 2  # in flight while the model runs on the current batch
 
 
 @dataclass
-class Batch:
+class DecodedBatch:
     items: list[Decoded]  # every input of the batch in order
-    # The decoded images [n, 3, S, S] float32 (numpy, or a torch tensor); None when all
+    # The decoded images [n, 3, S, S] float32; None when all
     # failed. They live in the ring: valid until the next batch is asked for.
-    pixels: Any | None
+    pixels: np.ndarray | None
 
 
 class BatchDecoder:
     """Decodes batch b of the plan into a given buffer."""
 
-    def __init__(self, items: Sequence[InputItem], plan: Sequence[range], prep: Preprocess):
+    def __init__(self, items: Sequence[InputItem], plan: Sequence[range], prep: Preprocessing):
         self.items, self.plan, self.prep = items, plan, prep
 
     def __len__(self) -> int:
@@ -74,7 +73,8 @@ _WORKER: tuple[BatchDecoder, _Ring] | None = None
 def _init_worker(decoder: BatchDecoder, ring: _Ring, parent: int) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
-    _lower_priority()
+    # Workers keep the normal priority: at a lower one (SCHED_IDLE, a high nice value) any
+    # other busy process on the machine starves them and the model waits for every batch.
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _WORKER = (decoder, ring)
 
@@ -92,20 +92,8 @@ def _decode_in_worker(b: int, slot: int) -> tuple[list[Decoded], int]:
     return decoder.decode_into(b, ring.array[slot])
 
 
-def _lower_priority() -> None:
-    """Decoding yields the cores to the model's threads, which stall whenever one of them is
-    descheduled: at SCHED_IDLE a worker runs only on a core that has nothing else to do
-    (measured ~8% more images/s than at nice 10 on 2 cores); when the model waits for a
-    batch, the workers get the cores anyway."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux
-        os.nice(10)
-
-
-def prefetched_batches(decoder: BatchDecoder, workers: int, as_tensor: bool) -> Iterator[Batch]:
-    """The batches of the plan in order, decoded by `workers` processes (0: here, on demand);
-    `as_tensor` gives the pixels as torch tensors."""
+def prefetched_batches(decoder: BatchDecoder, workers: int) -> Iterator[DecodedBatch]:
+    """The batches of the plan in order, decoded by `workers` processes (0: here, on demand)."""
     if not len(decoder):
         return
     if "fork" not in multiprocessing.get_all_start_methods():  # Windows: decode here instead
@@ -114,10 +102,9 @@ def prefetched_batches(decoder: BatchDecoder, workers: int, as_tensor: bool) -> 
     # the batch being used, plus those in flight; slot b % slots is free again once the
     # batch that used it before has been handed out and the next one asked for
     ring = _Ring(ahead + 1, max(map(len, decoder.plan)), decoder.prep.size)
-    wrap = _as_tensor if as_tensor else (lambda array: array)
 
-    def batch(slot: int, decoded: list[Decoded], good: int) -> Batch:
-        return Batch(decoded, wrap(ring.array[slot, :good]) if good else None)
+    def batch(slot: int, decoded: list[Decoded], good: int) -> DecodedBatch:
+        return DecodedBatch(decoded, ring.array[slot, :good] if good else None)
 
     if workers == 0:
         for b in range(len(decoder)):
@@ -146,8 +133,3 @@ def _decoded(slot: int, future) -> tuple[int, list[Decoded], int]:
         raise NxtrecError("an image decoding worker process ended unexpectedly (killed, or out of memory?); "
                           "the parts written so far are kept: run the command again to resume") from None
 
-
-def _as_tensor(array: np.ndarray):
-    import torch
-
-    return torch.from_numpy(array)

@@ -27,6 +27,7 @@ from nxtrec.errors import NxtrecError
 from nxtrec.model.config import (
     TEMPLATES,  # the ten prompt templates of the released recipe
 )
+from nxtrec.training.toml_writer import dumps_toml
 
 try:
     import tomllib
@@ -412,49 +413,3 @@ def diff_configs(a: TrainConfig, b: TrainConfig) -> list[str]:
     fb = {f"{s}.{k}": v for s, body in b.to_dict().items() for k, v in body.items()}
     return [f"{k}: {fa[k]!r} -> {fb[k]!r}" for k in fa if fa[k] != fb[k]]
 
-
-# ---------------------------------------------------------------------------------------
-# writing TOML (tomllib only reads)
-# ---------------------------------------------------------------------------------------
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        out = ['"']
-        for ch in v:
-            if ch in ('"', "\\"):
-                out.append("\\" + ch)
-            elif ch == "\n":
-                out.append("\\n")
-            elif ch == "\t":
-                out.append("\\t")
-            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        return "".join(out) + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def dumps_toml(data: dict) -> str:
-    """Two levels: top-level scalars, then one table per dict value."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for name, body in data.items():
-        if isinstance(body, dict):
-            if lines:
-                lines.append("")
-            lines.append(f"[{name}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
-    return "\n".join(lines) + "\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from nxtrec.distributed import RankInfo
 from nxtrec.training.config import TrainConfig
-from nxtrec.training.distributed import DistInfo
 
 
 class LoaderStream:
@@ -94,7 +94,7 @@ class LoaderStream:
                                      "fingerprint": state["fingerprint"]})
 
 
-def make_data(cfg: TrainConfig, model_config, info: DistInfo) -> LoaderStream:
+def make_data(cfg: TrainConfig, model_config, info: RankInfo) -> LoaderStream:
     """This process's share of the configured datasets (registry names in `data.datasets`,
     shard files / folders / globs in `data.shards`): each rank reads N // world samples per
     epoch, in full micro-batches."""
@@ -115,6 +115,6 @@ def make_data(cfg: TrainConfig, model_config, info: DistInfo) -> LoaderStream:
         balance="drop",
         empty_labels=cfg.data.empty_labels,
         drop_last=True,
-        pin_memory=info.device.type == "cuda",
+        pin_memory=info.device_type == "cuda",
     )
     return LoaderStream(loader)

@@ -9,14 +9,14 @@ import time
 import warnings
 from pathlib import Path
 
+from nxtrec.distributed import RankInfo
 from nxtrec.extras import install_hint
-from nxtrec.training.distributed import DistInfo
 from nxtrec.training.errors import TrainError
 
 METRICS_FILE = "metrics.jsonl"
 
 
-class Metrics:
+class TrainMetrics:
     """Main rank only: JSON lines (`metrics.jsonl`) and TensorBoard. On resume the records
     after the checkpoint's step (written by the interrupted run) are dropped."""
 
@@ -107,11 +107,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-class Progress:
+class TrainProgress:
     """Main rank only: a progress bar on a terminal; on anything else (a Slurm log) a plain
     line every `log.every` steps, with elapsed time and ETA."""
 
-    def __init__(self, info: DistInfo, log_cfg, start: int, total: int):
+    def __init__(self, info: RankInfo, log_cfg, start: int, total: int):
         self.every, self.start, self.total = log_cfg.every, start, total
         show = info.main and log_cfg.progress
         self.lines = show and not sys.stderr.isatty()
@@ -143,6 +143,6 @@ def hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def say(info: DistInfo, *args) -> None:
+def say(info: RankInfo, *args) -> None:
     if info.main:
         print(*args, file=sys.stderr, flush=True)

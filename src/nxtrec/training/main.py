@@ -1,4 +1,4 @@
-"""Training (DESIGN.md sections 6-8): one process on a CPU or GPU, `torchrun` on a node, or
+"""Training (docs/design.md#training-sequence-and-loss): one process on a CPU or GPU, `torchrun` on a node, or
 many nodes under Slurm, with PyTorch's own engine (DDP, or FSDP2 `fully_shard`).
 
 One optimizer step:
@@ -30,8 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from nxtrec.distributed import RankInfo, setup_distributed
 from nxtrec.errors import NxtrecError
 from nxtrec.model.config import ModelConfig
 from nxtrec.training.checkpoint import (
@@ -47,22 +47,17 @@ from nxtrec.training.config import (
     load_config,
 )
 from nxtrec.training.data import make_data
-from nxtrec.training.distributed import (
-    DistInfo,
-    all_reduce,
-    barrier,
-    gather_objects,
-    setup_distributed,
-)
 from nxtrec.training.errors import TrainError, TrainingDiverged
-from nxtrec.training.logger import Metrics, Progress, say
+from nxtrec.training.logger import TrainMetrics, TrainProgress, say
 from nxtrec.training.scheduler import warmup_steps
-from nxtrec.training.step import AUTOCAST, apply_update, forward_backward
 from nxtrec.training.text import make_text_batch, text_rng
 from nxtrec.training.trainer import (
+    AUTOCAST,
     Trainer,
+    apply_update,
     build_trainer,
     export_model,
+    forward_backward,
     load_trainer_state,
     resolve_init_dir,
     save_checkpoint,
@@ -71,7 +66,7 @@ from nxtrec.training.trainer import (
 CONFIG_FILE = "config.toml"
 
 
-def train(cfg: TrainConfig, resume: str | bool | None = None, data=None, info: DistInfo | None = None,
+def train(cfg: TrainConfig, resume: str | bool | None = None, data=None, info: RankInfo | None = None,
           grad_hook=None) -> dict:
     """Train as configured. `resume`: None = continue from the newest checkpoint of the run
     directory if there is one, True = it must exist, a path = that checkpoint. `data`: a batch
@@ -80,15 +75,17 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, data=None, info: D
     unscaling and clipping, before the update; `step` counts from 1).
     Returns a summary (run directory, steps, last loss, exported model)."""
     own_info = info is None
+    if own_info and cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("run.device = 'cuda' but no CUDA device is visible")
     info = info or setup_distributed(cfg.run.device)
     try:
         return _train(cfg, resume, data, info, grad_hook)
     finally:
-        if own_info and info.initialised_here and dist.is_initialized():
-            dist.destroy_process_group()
+        if own_info:
+            info.close()
 
 
-def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
+def _train(cfg: TrainConfig, resume, data, info: RankInfo, grad_hook) -> dict:
     run_dir = Path(cfg.run.dir)
     accum = accumulation_steps(cfg, info)
     check_inputs(cfg, info, data)
@@ -108,7 +105,7 @@ def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
     if cfg.checkpoint.export:
         final = export_model(tr, run_dir / "final", step)
         say(info, f"exported {final}")
-    barrier(info)
+    info.barrier()
     checkpoints = checkpoint_dirs(run_dir)
     return {"run_dir": str(run_dir), "step": step, "total_steps": total, "loss": last.get("loss"),
             "final": str(final) if final else None, "checkpoint": str(checkpoints[-1][1]) if checkpoints else None}
@@ -119,7 +116,7 @@ def _train(cfg: TrainConfig, resume, data, info: DistInfo, grad_hook) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def accumulation_steps(cfg: TrainConfig, info: DistInfo) -> int:
+def accumulation_steps(cfg: TrainConfig, info: RankInfo) -> int:
     """Micro-batches per process per step: global batch = micro batch x accumulation x processes."""
     micro, glob_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if glob_batch % (micro * info.world):
@@ -129,7 +126,7 @@ def accumulation_steps(cfg: TrainConfig, info: DistInfo) -> int:
     return glob_batch // (micro * info.world)
 
 
-def check_inputs(cfg: TrainConfig, info: DistInfo, data) -> None:
+def check_inputs(cfg: TrainConfig, info: RankInfo, data) -> None:
     """Fail before any work when the config cannot run: data, model and parallelism."""
     if cfg.train.parallel == "fsdp" and not info.enabled:
         raise TrainConfigError("train.parallel = 'fsdp' needs torchrun (several processes)")
@@ -150,22 +147,22 @@ def check_inputs(cfg: TrainConfig, info: DistInfo, data) -> None:
         )
 
 
-def prepare_run_dir(run_dir: Path, info: DistInfo) -> None:
+def prepare_run_dir(run_dir: Path, info: RankInfo) -> None:
     """Create the run directory; remove temporary folders of checkpoints that a killed run
     did not finish writing."""
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    barrier(info)
+    info.barrier()
 
 
-def total_steps(cfg: TrainConfig, source, accum: int, info: DistInfo) -> int:
+def total_steps(cfg: TrainConfig, source, accum: int, info: RankInfo) -> int:
     """`train.max_steps`, or the epochs' worth of full steps of the process with the fewest batches."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     per_rank = torch.tensor([float(source.batches_per_epoch())], device=info.device)
-    per_rank = int(all_reduce(per_rank, info, dist.ReduceOp.MIN).item())
+    per_rank = int(info.all_reduce(per_rank, "min").item())
     total = cfg.train.epochs * (per_rank // accum)
     if total < 1:
         raise TrainError(
@@ -195,7 +192,7 @@ def resume_run(tr: Trainer, run_dir: Path, resume, source, total: int) -> int:
             if s > start:
                 os.replace(d, d.with_name(f"{d.name}.abandoned-{int(time.time())}"))
                 say(info, f"note: {d} is newer than the checkpoint resumed from; renamed it *.abandoned-*")
-    barrier(info)
+    info.barrier()
     saved = run_dir / CONFIG_FILE
     if info.main and saved.is_file():
         with contextlib.suppress(NxtrecError):
@@ -211,7 +208,7 @@ def describe_run(tr: Trainer, init_dir: Path, total: int, accum: int) -> None:
     n_all = sum(p.numel() for p in tr.params.values())
     n_train = sum(tr.params[n].numel() for n in tr.plan.trainable)
     say(info, f"model {init_dir}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
-              f"{info.world} process(es) on {info.device.type}, global batch {cfg.train.global_batch_size} = "
+              f"{info.world} process(es) on {info.device_type}, global batch {cfg.train.global_batch_size} = "
               f"{cfg.train.micro_batch_size} x {accum} accumulation x {info.world}; "
               f"{total} steps, warm-up {warmup_steps(cfg, total)}")
 
@@ -226,10 +223,10 @@ def run_steps(tr: Trainer, source, model_config, run_dir: Path, start: int, tota
     """Steps `start + 1 .. total`, each followed by its logging, evaluation and checkpoint.
     Returns the last step and its record."""
     cfg, info = tr.cfg, tr.info
-    metrics = Metrics(run_dir, start, cfg.log.tensorboard, info.main)
-    progress = Progress(info, cfg.log, start, total)
+    metrics = TrainMetrics(run_dir, start, cfg.log.tensorboard, info.main)
+    progress = TrainProgress(info, cfg.log, start, total)
     autocast_dtype = AUTOCAST[cfg.train.precision]
-    amp = torch.autocast(info.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    amp = torch.autocast(info.device_type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     last: dict = {}
     step = start
     try:
@@ -270,7 +267,7 @@ def train_step(tr: Trainer, source, model_config, step: int, accum: int, amp, gr
         )
     lr = tr.optimizer.param_groups[0]["lr"]
     grad_norm = apply_update(tr, step + 1, grad_hook)
-    if info.device.type == "cuda":
+    if info.device_type == "cuda":
         torch.cuda.synchronize(info.device)
     dt = time.perf_counter() - t0
     record = {"step": step + 1, "epoch": getattr(source, "epoch", 0), "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -281,7 +278,7 @@ def train_step(tr: Trainer, source, model_config, step: int, accum: int, amp, gr
     return record
 
 
-def after_step(tr: Trainer, source, metrics: Metrics, record: dict, run_dir: Path, total: int) -> None:
+def after_step(tr: Trainer, source, metrics: TrainMetrics, record: dict, run_dir: Path, total: int) -> None:
     """What follows a step on its schedule: the metrics record, evaluation, the checkpoint."""
     cfg, step = tr.cfg, record["step"]
     if step % cfg.log.every == 0 or step == total:
@@ -296,13 +293,13 @@ def after_step(tr: Trainer, source, metrics: Metrics, record: dict, run_dir: Pat
         os.kill(os.getpid(), signal.SIGKILL)  # testing: die like a preempted job
 
 
-def with_skipped_counts(record: dict, source, info: DistInfo) -> dict:
+def with_skipped_counts(record: dict, source, info: RankInfo) -> dict:
     """The record plus `skipped`: samples the data loaders of all ranks skipped so far, by
     reason (collective: every rank logs the same steps)."""
     if not hasattr(source, "skipped_counts"):
         return record  # a custom batch source
     total: Counter = Counter()
-    for counts in gather_objects(source.skipped_counts(), info):
+    for counts in info.gather(source.skipped_counts()):
         total.update(counts)
     return {**record, "skipped": dict(total)}
 
@@ -312,6 +309,7 @@ def evaluate_during_training(tr: Trainer, step: int) -> dict:
     only; the other ranks wait at their next collective)."""
     from nxtrec.data.loader import build_loader
     from nxtrec.evaluation.evaluate import predict_records, score
+    from nxtrec.inference.engine import DecodeOptions
     from nxtrec.inference.recognizer import Recognizer
 
     cfg = tr.cfg.eval
@@ -325,7 +323,7 @@ def evaluate_during_training(tr: Trainer, step: int) -> dict:
     loader = build_loader(cfg.data, tr.cfg.data.registry or None, batch_size=cfg.batch_size,
                           image_size=tr.model.config.encoder.image_size, num_workers=0, rank=0, world_size=1)
     with torch.inference_mode():
-        records = predict_records(rec, loader, max(cfg.top_k), limit=cfg.images, progress=False)
+        records = predict_records(rec, loader, DecodeOptions(top_k=max(cfg.top_k)), limit=cfg.images, progress=False)
     tr.model.train()
     record = {"step": step}
     for k, s in score(records, sorted(cfg.top_k)).items():

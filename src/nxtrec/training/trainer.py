@@ -1,25 +1,31 @@
 """The trainer's state: the model, its parameter plan, the wrapped module (plain, DDP or
-FSDP2), optimizer, schedule and scaler; building it, checkpointing and exporting it."""
+FSDP2), optimizer, schedule and scaler; building it, one optimizer step (forward/backward of
+the micro-batches, then the update), checkpointing and exporting it."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from nxtrec.distributed import RankInfo
 from nxtrec.model.network import NxtpModel
 from nxtrec.training.checkpoint import write_checkpoint
 from nxtrec.training.config import TrainConfig, TrainConfigError
-from nxtrec.training.distributed import DistInfo, apply_fsdp, barrier, gather_objects
 from nxtrec.training.errors import TrainError
+from nxtrec.training.fsdp import apply_fsdp
 from nxtrec.training.params import ParamPlan, plan_parameters
 from nxtrec.training.scheduler import lr_factor, warmup_steps
 from nxtrec.training.step import TrainStep, enable_activation_checkpointing
+from nxtrec.training.text import TextBatch
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_init_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Path:
+def resolve_init_dir(cfg: TrainConfig, run_dir: Path, info: RankInfo) -> Path:
     """The model directory training starts from: `model.init`, or a random initialisation
     of `model.preset` written once into RUN_DIR/init-model (by the main rank)."""
     if cfg.model.init and cfg.model.preset:
@@ -33,14 +39,14 @@ def resolve_init_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> Path:
     out = run_dir / "init-model"
     if info.main and not (out / "model.safetensors").is_file():
         init_model(cfg.model.preset, out, tokenizer=cfg.model.tokenizer or None, seed=cfg.run.seed)
-    barrier(info)
+    info.barrier()
     return out
 
 
 @dataclass
 class Trainer:
     cfg: TrainConfig
-    info: DistInfo
+    info: RankInfo
     model: NxtpModel
     tokenizer: object
     tokenizer_file: Path
@@ -53,7 +59,7 @@ class Trainer:
     grad_mask: torch.Tensor | None
 
 
-def build_trainer(cfg: TrainConfig, info: DistInfo, init_dir: Path, total_steps: int) -> Trainer:
+def build_trainer(cfg: TrainConfig, info: RankInfo, init_dir: Path, total_steps: int) -> Trainer:
     from nxtrec.model.directory import load_model_dir
 
     model, tokenizer = load_model_dir(init_dir, device="cpu", dtype=torch.float32)
@@ -70,11 +76,11 @@ def build_trainer(cfg: TrainConfig, info: DistInfo, init_dir: Path, total_steps:
             block.compile(dynamic=True)
     step_module = TrainStep(model, tokenizer.delimiter_id, tokenizer.pad_id)
     if cfg.train.parallel == "fsdp":
-        module = apply_fsdp(model, step_module, info)
+        module = apply_fsdp(model, step_module)
     elif info.enabled and info.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        module = DDP(step_module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        module = DDP(step_module, device_ids=[torch.device(info.device).index] if info.device_type == "cuda" else None)
     else:
         module = step_module
     params = dict(model.named_parameters())
@@ -83,7 +89,7 @@ def build_trainer(cfg: TrainConfig, info: DistInfo, init_dir: Path, total_steps:
         {"params": [params[n] for n in plan.no_decay], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    fused = info.device.type == "cuda" and cfg.train.parallel != "fsdp"
+    fused = info.device_type == "cuda" and cfg.train.parallel != "fsdp"
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   fused=fused or None)
     warm = warmup_steps(cfg, total_steps)
@@ -91,7 +97,7 @@ def build_trainer(cfg: TrainConfig, info: DistInfo, init_dir: Path, total_steps:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warm, total_steps, min_ratio)
     )
-    scaler = torch.amp.GradScaler(info.device.type) if cfg.train.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(info.device_type) if cfg.train.precision == "fp16" else None
     grad_mask = None
     emb = "language_decoder.tok_embeddings.weight"
     if plan.embedding_rows is not None and emb in trainable:
@@ -105,6 +111,62 @@ def build_trainer(cfg: TrainConfig, info: DistInfo, init_dir: Path, total_steps:
             grad_mask = distribute_tensor(full, w.device_mesh, w.placements).to_local()
     tok_file = init_dir / "tokenizer.model"
     return Trainer(cfg, info, model, tokenizer, tok_file, plan, module, optimizer, scheduler, scaler, params, grad_mask)
+
+
+def forward_backward(tr: Trainer, batches, texts: list[TextBatch], amp) -> torch.Tensor:
+    """Forward and backward of the step's micro-batches (gradients synchronised on the last
+    one). Returns, summed over processes: loss sum, target tokens, sum of micro-batch mean
+    losses, images, padded text positions."""
+    info, cfg = tr.info, tr.cfg
+    accum = len(batches)
+    count = info.all_reduce(torch.tensor([float(sum(t.n_targets for t in texts))], device=info.device))
+    global_count = float(count.item())
+    stats = torch.zeros(5, dtype=torch.float64, device=info.device)
+    for k, ((pixels, _), text) in enumerate(zip(batches, texts)):
+        sync = k == accum - 1
+        ctx = tr.module.no_sync() if (not sync and hasattr(tr.module, "no_sync")) else contextlib.nullcontext()
+        if hasattr(tr.module, "set_requires_gradient_sync"):  # FSDP2
+            tr.module.set_requires_gradient_sync(sync)
+        with ctx:
+            with amp:
+                loss_sum, n = tr.module(pixels.to(info.device, non_blocking=True), text.tokens.to(info.device),
+                                        text.targets.to(info.device), text.answer_index)
+            # DDP / FSDP average gradients over processes, hence the factor `world` for tokens
+            if cfg.loss.reduction == "tokens":
+                weight = info.world / global_count if global_count > 0 else 0.0
+            else:
+                weight = 1.0 / (max(text.n_targets, 1) * accum)
+            scaled = loss_sum * weight
+            (tr.scaler.scale(scaled) if tr.scaler is not None else scaled).backward()
+        ls = loss_sum.detach().double()
+        stats += torch.stack([ls, n.detach().double(), ls / max(text.n_targets, 1),
+                              ls.new_tensor(float(pixels.shape[0])), ls.new_tensor(float(text.tokens.numel()))])
+    return info.all_reduce(stats)
+
+
+def apply_update(tr: Trainer, step: int, grad_hook) -> float:
+    """Mask the embedding gradient, unscale (fp16), clip, step optimizer and schedule.
+    Returns the gradient norm before clipping."""
+    if tr.grad_mask is not None:
+        g = tr.params["language_decoder.tok_embeddings.weight"].grad
+        if g is not None:
+            (g.to_local() if hasattr(g, "to_local") else g).mul_(tr.grad_mask)
+    if tr.scaler is not None:
+        tr.scaler.unscale_(tr.optimizer)
+    clip = tr.cfg.optim.grad_clip if tr.cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([tr.params[n] for n in tr.plan.trainable], clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    if grad_hook is not None:
+        grad_hook(step, tr.params)
+    if tr.scaler is not None:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
 
 
 def trainable_state(tr: Trainer) -> dict[str, torch.Tensor]:
@@ -171,7 +233,7 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, source) -> Path | Non
     rank writes."""
     tensors = trainable_state(tr)
     optim_state = optimizer_state(tr)
-    data_states = gather_objects(source.state_dict(), tr.info)
+    data_states = tr.info.gather(source.state_dict())
     path = None
     if tr.info.main:
         state = {
@@ -184,7 +246,7 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, source) -> Path | Non
             "data": data_states,
         }
         path = write_checkpoint(run_dir, step, tensors, state, tr.cfg.checkpoint.keep_last, tr.cfg.checkpoint.keep_every)
-    barrier(tr.info)
+    tr.info.barrier()
     return path
 
 

@@ -1,5 +1,5 @@
-"""Label embedders for the metric: MiniLM (the paper's metric) and CLIP's text tower, both
-caching one embedding per distinct string."""
+"""Label embedders: MiniLM (the paper's metric, and `--map-to`'s similarity) and CLIP's text
+tower, both caching one embedding per distinct string."""
 
 from __future__ import annotations
 

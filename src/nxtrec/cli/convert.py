@@ -1,4 +1,4 @@
-"""`nxtrec init-model` and `nxtrec convert`: write model directories."""
+"""`nxtrec convert`: a model directory from released nxtp or LLaMA-2 + CLIP weights."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ from nxtrec.cli.options import (
 
 
 def register(sub) -> None:
-    p = sub.add_parser("init-model", help="write a randomly initialised model directory for a preset")
-    p.add_argument("--preset", required=True, help="nxtp-1.78b, nxtp-0.77b, small or tiny")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: a small one trained on the spot; "
-                   "a synthetic 32000-piece one for the full presets)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
-    p.set_defaults(func=run_init)
-
     p = sub.add_parser("convert", help="build a model directory from released nxtp or LLaMA-2 + CLIP weights")
     kinds = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     n = kinds.add_parser("nxtp", help="released nxtp checkpoint + OpenAI CLIP ViT-L/14 + LLaMA-2 tokenizer")
@@ -40,14 +32,6 @@ def register(sub) -> None:
     m.add_argument("--seed", type=non_negative_int, default=0, help="seed for the added special-token rows and the new projection")
     m.add_argument("--encoder-heads", type=positive_int, help="encoder attention heads (default: width / 64, as CLIP)")
     m.set_defaults(func=run_convert_llama)
-
-
-def run_init(args) -> int:
-    from nxtrec.model.presets import init_model
-
-    out = init_model(args.preset, args.out, tokenizer=args.tokenizer, seed=args.seed)
-    print(f"wrote {out}")
-    return 0
 
 
 def run_convert_nxtp(args) -> int:

@@ -1,0 +1,72 @@
+"""`nxtrec eval`: predict labels for validation shards and score them."""
+
+from __future__ import annotations
+
+import sys
+
+from nxtrec.cli.metric_options import add_embedder_arguments
+from nxtrec.cli.options import device, existing_dir, fraction, non_negative_int, positive_int
+from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
+
+# Samples eval may skip (corrupt image, unreadable shard...) before its exit code says so.
+DEFAULT_MAX_SKIPPED = 0.01
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="R/P/F1 at top-k of a model on validation shards")
+    p.add_argument("--model", help="model directory (default: the bundled default model)")
+    p.add_argument("--onnx", metavar="DIR", type=existing_dir, help="evaluate an exported ONNX directory with ONNX Runtime")
+    p.add_argument("--data", required=True, help="a registry dataset name, or a shard folder / pattern")
+    p.add_argument("--registry", help="dataset registry file (default: $NXTREC_REGISTRY, else ./datasets.toml)")
+    p.add_argument("--top-k", type=positive_int, nargs="+", default=[10], help="one or more k; predictions are made once")
+    p.add_argument("--ranking", default="prob", choices=["prob", "ppl", "sim", "none"], help="label order, as predict --ranking")
+    add_embedder_arguments(p)
+    p.add_argument("--out", help="summary JSON; per-image rows go to the same name with .jsonl, and a row per k "
+                   "is appended to results.md / results.csv beside it")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    p.add_argument("--workers", type=non_negative_int, default=1, help="data loader workers")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images (per process)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (torchrun: each rank its own GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p.add_argument("--max-skipped", type=fraction, default=DEFAULT_MAX_SKIPPED, metavar="FRACTION",
+                   help="exit with code 1 when more than this fraction of the samples was skipped (corrupt image, "
+                   f"unreadable shard, ...; default {DEFAULT_MAX_SKIPPED})")
+    add_vocab_arguments(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from nxtrec.engines import capabilities_of, check_engine_choice, load_engine
+    from nxtrec.evaluation.evaluate import evaluate, format_table
+    from nxtrec.inference.engine import DecodeOptions
+
+    check_engine_choice(args.model, args.onnx, args.device, args.dtype)
+    DecodeOptions(ranking=args.ranking, **vocab_kwargs(args)).check(capabilities_of(onnx=bool(args.onnx)))
+
+    def load(device: str):
+        return load_engine(args.model, args.onnx, device=device, dtype=args.dtype)
+
+    skipped: dict[str, int] = {}
+    summaries = evaluate(args.onnx or args.model, args.data, args.top_k, args.ranking, args.embedder, args.out, args.registry,
+                         args.batch_size, args.device, args.dtype, args.limit, args.workers,
+                         clip_file=args.clip_file, clip_vocab=args.clip_vocab, max_tokens=args.metric_max_tokens,
+                         predict_kwargs=vocab_kwargs(args), skipped=skipped, load=load)
+    if summaries is None:
+        return 0  # not the main rank
+    print(format_table(summaries))
+    return report_skipped(skipped, next(iter(summaries.values())).n_images, args.max_skipped)
+
+
+def report_skipped(skipped: dict[str, int], evaluated: int, max_fraction: float) -> int:
+    """A line under the table with the skipped samples by reason (when any); exit code 1 above
+    `max_fraction`."""
+    total = sum(skipped.values())
+    fraction = total / max(total + evaluated, 1)
+    if total:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+        print(f"skipped {total} of {total + evaluated} samples ({fraction:.1%}: {reasons})")
+    if fraction > max_fraction:
+        print(f"nxtrec eval: {fraction:.1%} of the samples were skipped, more than --max-skipped {max_fraction:g}; "
+              "the scores above leave them out", file=sys.stderr)
+        return 1
+    return 0

@@ -1,4 +1,6 @@
 # The two quick-start commands are `make demo` and `make test`; both set up .venv first.
+# `make demo` installs only what the demo needs (the default install: torch + nxtrec's own
+# dependencies); `make test` adds the rest (every extra, the dev tools, Chromium, the emoji font).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch is installed only when the environment has no torch yet.
@@ -8,7 +10,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.demo-installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.demo-installed
 	@# The synthetic-scenes generator draws Noto Color Emoji glyphs (Debian package).
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || \
 		{ apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji; } || \
@@ -17,17 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	test -x /usr/bin/chromedriver || \
 		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
 		echo "warning: install chromium and chromium-driver for the browser test of nxtrec serve"
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 
-demo: setup
+demo: $(VENV)/.demo-installed
 	$(VENV)/bin/nxtrec predict examples/scene.jpg --top-k 10
 
 test: setup
 	$(PY) -m pytest -q
-	@# install + a few commands on the other supported Pythons found here (3.10, 3.12, 3.13)
+	@# the wheels (nxtrec, nxtrec-runtime) on the other supported Pythons found here (3.10, 3.12, 3.13)
 	PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/smoke_pythons.sh
 
 bench: setup

@@ -67,7 +67,6 @@ PREDICT_SKIPS = [
     (["{bad}/pipe.jpg"], "is a FIFO, not a regular file"),
     (["{bad}/loop.jpg"], "symbolic link loop"),
     (["/dev/null"], "is a character device"),
-    (["{bad}/missing.jpg"], "no such file"),
     (["{bad}/grey16.png"], "image too large (289.0 Mpx; the limit is 64 Mpx"),
 ]
 USAGE_ERRORS = [
@@ -79,6 +78,7 @@ USAGE_ERRORS = [
     (["predict", GOOD, "--device", "gpu"], "argument --device: must be cpu, cuda, cuda:N or mps"),
     (["predict", GOOD, "--top-k", "5000"], "--top-k 5000 + --extra-k 0 is more than the model's 1002 tokens"),
     (["predict", GOOD, "--model", "{bad}/empty-config-model"], "'encoder' is missing or empty"),
+    (["predict", GOOD, "{bad}/missing.jpg"], "{bad}/missing.jpg: no such file or folder"),
     (["predict", GOOD, "--onnx", "{bad}/a-file"], "argument --onnx: {bad}/a-file: is a file, expected a directory"),
     (["score", "{bad}/labels-string.jsonl"], "labels-string.jsonl:1: \"labels\" must be a list of strings, got a string"),
     (["score", "{bad}/gt-number.jsonl"], "gt-number.jsonl:1: \"gt\" must be a list of strings, got int"),

@@ -267,6 +267,24 @@ def test_constrained_labels_equal_pytorch(onnx_dir, released_dir, model_dir, ima
     _same_labels(OnnxRecognizer(onnx_dir).predict(images, top_k=5, **compat), torch_rec.predict(images, top_k=5, **compat))
 
 
+def test_label_rules_on_onnx_equal_pytorch(onnx_dir, model_dir, images):
+    """`exclude`, `replace` and `min_prob` run in the shared label finishing: ONNX Runtime gives
+    PyTorch's labels, with the excluded label gone and two labels merged (probabilities summed)."""
+    torch_rec = Recognizer.from_pretrained(model_dir)
+    plain = torch_rec.predict(images[:2], top_k=6)
+    keys = [x.label.strip().casefold() for x in plain[0]]
+    usable = [x.label for x, key in zip(plain[0], keys)
+              if key and keys.count(key) == 1 and not any(c in x.label for c in "|#") and "->" not in x.label]
+    assert len(usable) >= 3, plain[0]
+    top, a, b = usable[:3]
+    rules = {"exclude": [top], "replace": [f"{a} | {b} -> merged"], "min_prob": 1e-12}
+    want = torch_rec.predict(images[:2], top_k=6, **rules)
+    _same_labels(OnnxRecognizer(onnx_dir).predict(images[:2], top_k=6, batch_size=1, **rules), want)
+    names = {x.label: x.prob for x in want[0]}
+    assert top not in names and a not in names and b not in names
+    assert names["merged"] == pytest.approx(sum(x.prob for x in plain[0] if x.label in (a, b)), rel=1e-6)
+
+
 def test_released_layout_needs_a_tokenizer_and_uses_defaults_without_config(released_dir, tmp_path, images):
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -3,7 +3,13 @@ import torch
 from conftest import tiny_model
 
 from nxtrec.inference.ranking import Branch, rank_labels
-from nxtrec.inference.sampling import beam_search, greedy, one_shot, one_shot_no_cache
+from nxtrec.inference.sampling import (
+    _split_labels,
+    beam_search,
+    greedy,
+    one_shot,
+    one_shot_no_cache,
+)
 
 
 def _prompt(model, tokenizer):
@@ -76,6 +82,22 @@ def test_ranking_merges_duplicates_and_orders():
     assert len(rank_labels(branches, decode, "prob", top_k=2)) == 2
     with pytest.raises(ValueError):
         rank_labels(branches, decode, "bogus")
+
+
+def test_a_label_repeated_in_one_answer_counts_once():
+    # greedy "dog, cat, dog, dog, ca" (EOS 0, delimiter 9): before, dog was summed to 0.5 + 0.8 + 0.8
+    decode = lambda ids: {1: "dog", 2: "cat", 3: "ca"}[ids[0]]
+    seq = [1, 9, 2, 9, 1, 9, 1, 9, 3]
+    probs = [0.5, 1.0, 0.4, 0.5, 0.8, 1.0, 0.8, 1.0, 0.9]
+    branches = _split_labels(seq, probs, 0, 9)
+    assert [b.tokens for b in branches] == [[1], [2], [1], [1]]  # "ca": unfinished when the answer ran out
+    labels = rank_labels(branches, decode, "prob", top_k=5)
+    assert [(l.label, l.prob) for l in labels] == [("dog", 0.5), ("cat", pytest.approx(0.2))]
+    # the last label ends at EOS (kept, its tokens' probabilities only); nothing after EOS counts
+    ended = _split_labels([1, 9, 2, 0, 3, 9], [0.5, 1.0, 0.4, 0.7, 0.9, 1.0], 0, 9)
+    assert [(b.tokens, b.probs) for b in ended] == [([1], [0.5, 1.0]), ([2], [0.4])]
+    # one-shot branches are alternatives: a label reached twice sums (test above)
+    assert rank_labels([Branch([1], [0.5, 1.0]), Branch([1], [0.3, 1.0])], decode)[0].prob == pytest.approx(0.8)
 
 
 def test_sim_ranking_prefers_labels_close_to_the_image():

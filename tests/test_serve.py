@@ -4,6 +4,7 @@ a loopback port (SIGTERM with a request in flight), and the web page in headless
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 import zlib
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,7 @@ from nxtrec.serving.batcher import Batcher, QueueFull
 from nxtrec.errors import NxtrecError
 from nxtrec.engines import load_engine
 from nxtrec.inference.engine import Capabilities, DecodeOptions, Engine, Preprocessing
+from nxtrec.inference.ranking import Label
 from nxtrec.serving.model_process import start_engine_process
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
@@ -174,6 +176,54 @@ def test_tag_list_constrains_every_request(scenes, tmp_path):
     asyncio.run(main())
 
 
+def test_exclude_replace_and_min_prob_of_the_command_line_apply_to_every_request(engine, scenes, tmp_path):
+    """`nxtrec serve --exclude --replace --min-prob`: parsed once into the service's options
+    (hashable: the batcher groups jobs by them), applied in the model process."""
+    from nxtrec.cli.main import build_parser
+    from nxtrec.cli.vocab_options import vocab_kwargs
+
+    plain = expected_labels(engine, scenes[0], 8)
+    assert len(plain) == 8 and plain[-2]["prob"] > plain[-1]["prob"]
+    top, a, b = (x["label"] for x in plain[:3])  # the bundled model's labels are plain words
+    (tmp_path / "ex.txt").write_text(f"# undesired\n{top}\n")
+    (tmp_path / "re.txt").write_text(f"{a} | {b} -> merged thing\n")
+    floor = (plain[-2]["prob"] + plain[-1]["prob"]) / 2
+    args = build_parser().parse_args(["serve", "--dtype", "int8", "--exclude", str(tmp_path / "ex.txt"),
+                                      "--replace", str(tmp_path / "re.txt"), "--min-prob", str(floor)])  # fmt: skip
+    assert args.dtype == "int8"
+    options = DecodeOptions(**vocab_kwargs(args))
+    hash(options)
+    merged = {"label": "merged thing", "prob": plain[1]["prob"] + plain[2]["prob"]}
+    want = sorted([merged, *plain[3:-1]], key=lambda x: -x["prob"])
+
+    async def main():
+        async with serving(create_app(engine, options=options)) as client:
+            got = (await client.post("/v1/tag?top_k=8", content=scenes[0])).json()["results"][0]["labels"]
+            raised = (got[1]["prob"] + got[2]["prob"]) / 2  # a request's min_prob raises the floor
+            high = (await client.post(f"/v1/tag?top_k=8&min_prob={raised}", content=scenes[0])).json()
+        return got, high["results"][0]["labels"]
+
+    got, high = run(main())
+    assert_same_labels(got, want)
+    assert high == got[:2]
+
+
+def test_int8_model_process_gives_the_int8_recognizers_labels(scenes):
+    """`nxtrec serve --dtype int8`: the model process quantises as `Recognizer` does."""
+    from nxtrec.inference.recognizer import Recognizer
+    from nxtrec.model.image import load_image
+
+    int8 = start_engine_process(dtype="int8")
+    try:
+        pixels = int8.preprocessing.array(load_image(scenes[0]))[None]
+        got = int8.predict_batch(pixels, DecodeOptions(top_k=5))[0]
+    finally:
+        int8.close()
+    want = Recognizer.from_pretrained(dtype="int8").predict_batch(pixels, top_k=5)[0]
+    assert got and [x.label for x in got] == [x.label for x in want]
+    np.testing.assert_allclose([x.prob for x in got], [x.prob for x in want], rtol=1e-4)
+
+
 def model_processes(parent: int) -> list[int]:
     """The pids of `parent`'s model processes (nxtrec.serving.model_process children)."""
     found = []
@@ -317,6 +367,62 @@ def test_api_key(engine, scenes):
             assert ok.status_code == 200 and ok.json()["results"][0]["labels"][0]["label"] == "snake"
 
     run(main())
+
+
+def test_info_says_which_model_and_whether_it_has_maps(engine):
+    from nxtrec.model.directory import default_model_dir
+    from nxtrec.serving.app import DEFAULT_MODEL_DIR
+
+    assert DEFAULT_MODEL_DIR == default_model_dir()  # found without importing torch
+
+    async def main(app):
+        async with serving(app) as client:
+            return (await client.get("/v1/info")).json(), (await client.get("/metrics")).text
+
+    demo, metrics = run(main(create_app(engine)))
+    assert {k: demo[k] for k in ("model", "demo", "maps")} == {"model": "default-model", "demo": True, "maps": True}
+    assert "127 emoji categories" in demo["note"] and "--model" in demo["note"]
+    assert 'nxtrec_requests_total{path="/v1/info",code="200"} 1' in metrics
+    onnx_like, _ = run(main(create_app(onnx_like_engine())))
+    assert onnx_like == {"model": "onnx-like", "demo": False, "maps": False, "note": None}
+
+
+def test_docs_page_shows_this_servers_address_and_example_answers(engine):
+    async def main():
+        async with serving(create_app(engine)) as client:
+            page = (await client.get("/docs")).text
+            elsewhere = (await client.get("/docs", headers={"Host": "tagger.lan:8123"})).text
+            hostile = (await client.get("/docs", headers={"Host": "x\"><script>alert(1)</script>"})).text
+        async with serving(create_app(engine, ServeConfig(api_key="s3cret"))) as client:
+            hidden = await client.get("/docs")  # public: no model name without the key
+        return page, elsewhere, hostile, hidden
+
+    page, elsewhere, hostile, hidden = run(main())
+    assert "HOST:PORT" not in page and "{{" not in page
+    assert "curl -F files=@photo.jpg -F files=@other.jpg 'http://test/v1/tag?top_k=10&amp;min_prob=0.01'" in page
+    assert "curl 'http://test/v1/info'" in page
+    assert "&quot;labels&quot;: [{&quot;label&quot;: &quot;snake&quot;" in page  # an example answer
+    assert "&quot;model&quot;: &quot;default-model&quot;" in page and "&quot;demo&quot;: true" in page
+    assert "'http://tagger.lan:8123/v1/tag" in elsewhere
+    assert "<script>alert" not in hostile
+    assert hidden.status_code == 200 and "default-model" not in hidden.text and "&quot;MODEL&quot;" in hidden.text
+
+
+def onnx_like_engine() -> Engine:
+    """A stand-in for an ONNX Runtime engine: labels at once, no maps."""
+
+    class OnnxLike:
+        name, vocab_size = "onnx-like", 32
+        preprocessing = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+        capabilities = Capabilities(("one-shot",), maps=False, needs="the PyTorch path (--model)")
+
+        def predict_batch(self, pixels, options):
+            return [[Label("cat", 0.7), Label("dog", 0.2)][: options.top_k] for _ in pixels]
+
+        def close(self):
+            pass
+
+    return OnnxLike()
 
 
 def blocking_engine(release: threading.Event) -> Engine:
@@ -507,7 +613,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def chrome(tmp_path):
-    """Headless Debian Chromium through its own chromedriver (nothing downloaded)."""
+    """Headless Debian Chromium through its own chromedriver (nothing downloaded); the page's
+    downloads go to tmp_path / "downloads"."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -517,7 +624,42 @@ def chrome(tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1200,900"):
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir(exist_ok=True)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return driver
+
+
+def downloaded(path: Path, timeout: float = 20) -> str:
+    """The text of a file the browser downloads, once complete (no .crdownload left)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and not list(path.parent.glob("*.crdownload")):
+            return path.read_text(encoding="utf-8")
+        time.sleep(0.1)
+    raise AssertionError(f"{path.name} was not downloaded in {timeout:g} s: {sorted(os.listdir(path.parent))}")
+
+
+@contextmanager
+def server_in_thread(app):
+    """The app on uvicorn, in a thread, on a loopback port: its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @pytest.mark.slow
@@ -541,8 +683,80 @@ def test_page_in_headless_chromium_shows_top_label(tmp_path):
         widths = [float(r.find_element(By.CSS_SELECTOR, ".bar span").get_attribute("style").split(":")[1].strip(" %;"))
                   for r in rows]
         assert widths == sorted(widths, reverse=True) and 55 < widths[0] < 70
+        check_page_tools(driver, url, tmp_path / "downloads")
     finally:
         driver.quit()
         proc.terminate()
         proc.wait(30)
+
+
+def check_page_tools(driver, url: str, downloads: Path) -> None:
+    """The demo notice, no second card for the same file, CSV and JSON downloads of the labels
+    shown, copying one image's tags, clearing everything."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    notice = driver.find_element(By.ID, "notice")
+    assert notice.is_displayed() and "127 emoji categories" in notice.text and "--model" in notice.text
+    assert driver.find_element(By.ID, "maps").is_enabled()  # a PyTorch model: heat maps available
+    assert not driver.find_element(By.ID, "maps-note").text
+    api = httpx.post(url + "/v1/tag?top_k=10", files={"files": ("scene.jpg", SCENE.read_bytes())}, timeout=60)
+    want = api.json()["results"][0]["labels"]
+    shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".result .label .name")]
+    assert shown == [x["label"] for x in want]
+
+    driver.find_element(By.ID, "files").send_keys(str(SCENE))  # the same file again
+    WebDriverWait(driver, 10).until(lambda d: "already shown: scene.jpg" in d.find_element(By.ID, "status").text)
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".result")) == 1
+    assert driver.find_element(By.ID, "count").text == "1 image, 1 tagged"
+
+    driver.find_element(By.ID, "download-csv").click()
+    rows = list(csv.DictReader(io.StringIO(downloaded(downloads / "nxtrec-results.csv"))))
+    assert [(r["file"], r["width"], r["rank"], r["label"]) for r in rows] == [
+        ("scene.jpg", "256", str(i + 1), x["label"]) for i, x in enumerate(want)]
+    assert [float(r["prob"]) for r in rows] == [x["prob"] for x in want]
+    driver.find_element(By.ID, "download-json").click()
+    data = json.loads(downloaded(downloads / "nxtrec-results.json"))
+    assert (data["model"], data["top_k"], data["threshold"]) == ("default-model", 10, 0)
+    assert data["results"] == [{"file": "scene.jpg", "width": 256, "height": 256, "labels": want}]
+
+    driver.execute_cdp_cmd("Browser.grantPermissions", {"origin": url, "permissions": ["clipboardReadWrite"]})
+    driver.find_element(By.CSS_SELECTOR, ".result .copy").click()
+    WebDriverWait(driver, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, ".result .copied").text)
+    assert driver.find_element(By.CSS_SELECTOR, ".result .copied").text == "Copied 10 tags"
+    pasted = driver.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0]('cannot read: ' + e))")
+    assert pasted == ", ".join(shown)
+
+    driver.find_element(By.ID, "clear").click()
+    assert not driver.find_elements(By.CSS_SELECTOR, ".result")
+    assert not driver.find_element(By.ID, "toolbar").is_displayed()
+    driver.find_element(By.ID, "files").send_keys(str(SCENE))  # cleared: the file is new again
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .label .name"))
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".result")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+                    reason=f"no browser: install Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})")
+def test_page_switches_heat_maps_off_without_maps(tmp_path):
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install 'nxtrec[dev]')")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with server_in_thread(create_app(onnx_like_engine())) as url:
+        driver = chrome(tmp_path)
+        try:
+            driver.get(url + "/")
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "maps-note").text.startswith("Heat maps are off"))
+            maps = driver.find_element(By.ID, "maps")
+            assert not maps.is_enabled() and not maps.is_selected()
+            assert "ONNX" in driver.find_element(By.ID, "maps-note").text
+            assert not driver.find_element(By.ID, "notice").is_displayed()  # not the demo model
+            driver.find_element(By.ID, "files").send_keys(str(SCENE))
+            names = WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .label .name"))
+            assert [e.text for e in names] == ["cat", "dog"]
+            assert not driver.find_element(By.CSS_SELECTOR, ".result .error").text
+        finally:
+            driver.quit()
 

@@ -104,7 +104,9 @@ def test_min_prob_max_labels_and_csv(tiny_model_dir, tmp_path):
     with open(tmp_path / "csv" / "part-00000.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "label", "prob"]
-    assert rows[1:] == [[r["id"], lab["label"], repr(lab["prob"])] for r in cut for lab in r["labels"]]
+    # an image left without labels has one row with an empty label (docs/tag.md, CSV)
+    want = [[[r["id"], lab["label"], repr(lab["prob"])] for lab in r["labels"]] or [[r["id"], "", ""]] for r in cut]
+    assert rows[1:] == [row for rows_of_one in want for row in rows_of_one]
 
 
 def test_shards_input_uses_sample_keys(tiny_model_dir, tmp_path):
@@ -122,6 +124,14 @@ def test_shards_input_uses_sample_keys(tiny_model_dir, tmp_path):
     recs = _records(tmp_path / "out")
     assert [r["id"] for r in recs] == keys
     assert _errors(tmp_path / "out") == [{"id": "caption-only", "reason": "caption-only: no image in this sample"}]
+    # one more shard: --update tags its samples only (the sample without an image is not retried)
+    more = datagen.write_img2dataset_shard(tmp_path / "shards" / "00003.tar", 5, 2)
+    grown = str(tmp_path / "shards" / "{00000..00003}.tar")
+    before = _part_bytes(tmp_path / "out")
+    assert _tag(tiny_model_dir, tmp_path / "out", "--shards", grown, "--top-k", "3", "--batch-size", "5", "--update") == 1
+    assert _manifest(tmp_path / "out")["this_run"]["images"] == 2
+    assert {k: v for k, v in _part_bytes(tmp_path / "out").items() if k in before} == before
+    assert [r["id"] for r in _records(tmp_path / "out")] == keys + more
     assert _tag(tiny_model_dir, tmp_path / "ref", tmp_path / "files", "--top-k", "3", "--batch-size", "5") == 0
     for rec, ref in zip(recs, _records(tmp_path / "ref")):
         assert (rec["width"], rec["height"]) == (ref["width"], ref["height"]) == (48, 36)
@@ -333,3 +343,150 @@ def test_tag_list_constrains_the_records(tiny_model_dir, tmp_path):
     recs = _records(out)
     assert len(recs) == 3
     assert all(r["labels"] and {x["label"] for x in r["labels"]} <= {"dog", "cat", "car", "tree"} for r in recs)
+
+
+def _labels_by_id(out: Path) -> dict[str, list]:
+    from nxtrec.tagging.output import read_records
+
+    recs = list(read_records(out))
+    assert len({r["id"] for r in recs}) == len(recs)  # one current record per image
+    return {r["id"]: r["labels"] for r in recs}
+
+
+def _part_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.glob("part-*")}
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_a_growing_folder_is_updated_and_equals_a_fresh_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    images = _collection(Path("imgs"), n=4)  # img00..img02, sub/img03, img99-corrupt
+    args = ["--top-k", "3", "--part-size", "2", "--batch-size", "2"]
+    out = tmp_path / "out"
+    assert _tag(tiny_model_dir, out, "imgs", *args) == 1
+    ids = set(_labels_by_id(out))
+    assert ids == {"imgs/img00.png", "imgs/img01.jpg", "imgs/img02.jpg", "imgs/sub/img03.png"}
+    # the same folder by its absolute path, through a symbolic link, with a trailing slash: a resume
+    (tmp_path / "link").symlink_to(tmp_path / "imgs")
+    capsys.readouterr()
+    for spelling in (tmp_path / "imgs", f"{tmp_path / 'link'}/", "imgs/"):
+        assert _tag(tiny_model_dir, out, spelling, *args) == 1
+        assert "this run: 0 images in" in capsys.readouterr().err
+    # grow 1: three new images; a plain rerun is refused and names --update
+    for i in (4, 5, 6):
+        datagen.write_image(images / f"new{i}.jpg", 100 + i)
+    first = _part_bytes(out)
+    assert _tag(tiny_model_dir, out, tmp_path / "imgs", *args) == 2
+    assert "--update" in capsys.readouterr().err
+    assert _tag(tiny_model_dir, out, tmp_path / "imgs", *args, "--update") == 1
+    assert "this run: 3 images in" in capsys.readouterr().err
+    after = _part_bytes(out)
+    assert {k: after[k] for k in first} == first  # earlier parts are not rewritten
+    assert sorted(set(after) - set(first)) == ["part-00003.jsonl", "part-00004.jsonl"]
+    assert set(_labels_by_id(out)) == ids | {f"imgs/new{i}.jpg" for i in (4, 5, 6)}
+    assert _manifest(out)["this_run"] | {"seconds": 0, "images_per_s": 0} == {
+        "images": 3, "new": 3, "changed": 0, "seconds": 0, "images_per_s": 0}  # fmt: skip
+    # grow 2 (through the link): one more, one changed, one removed
+    datagen.write_image(images / "new7.jpg", 107)
+    datagen.write_image(images / "img01.jpg", 555, size=(50, 40))
+    (images / "img02.jpg").unlink()
+    before = _part_bytes(out)
+    assert _tag(tiny_model_dir, out, tmp_path / "link", *args, "--update") == 1
+    assert "this run: 2 images (1 changed)" in capsys.readouterr().err
+    assert {k: v for k, v in _part_bytes(out).items() if k in before} == before
+    manifest = _manifest(out)
+    assert manifest["removed"] == ["imgs/img02.jpg"] and manifest["superseded"] == {"part-00000.jsonl": ["imgs/img01.jpg"]}
+    assert manifest["counts"] | {"parts_done": 0, "parts": 0} == {
+        "images": 8, "tagged": 7, "failed": 1, "superseded": 1, "removed": 1, "parts_done": 0, "parts": 0}  # fmt: skip
+    # grow 3: a killed update (after its first part) resumed by the same command
+    for i in (8, 9, 10):
+        datagen.write_image(images / "sub" / f"late{i}.jpg", 100 + i)
+    from nxtrec.tagging.output import TagOutput
+
+    real_write = TagOutput.write_part
+
+    def write_then_die(self, part, results, fps):
+        real_write(self, part, results, fps)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(TagOutput, "write_part", write_then_die)
+    assert _tag(tiny_model_dir, out, "imgs", *args, "--update") != 0
+    assert (out / "part-00006.jsonl").is_file() and not (out / "part-00007.jsonl").exists()
+    monkeypatch.setattr(TagOutput, "write_part", real_write)
+    capsys.readouterr()
+    assert _tag(tiny_model_dir, out, "imgs", *args, "--update") == 1
+    assert "this run: 1 images in" in capsys.readouterr().err
+    assert _manifest(out)["status"] == "complete"
+    # the final records equal one fresh run over the final folder
+    assert _tag(tiny_model_dir, tmp_path / "fresh", "imgs", *args) == 1
+    got, want = _labels_by_id(out), _labels_by_id(tmp_path / "fresh")
+    assert sorted(got) == sorted(want) and len(got) == 10
+    for name in want:
+        _assert_same_labels(got[name], want[name])
+    assert _errors(out) == _errors(tmp_path / "fresh") == [
+        {"id": "imgs/img99-corrupt.jpg", "reason": _errors(out)[0]["reason"]}]  # fmt: skip
+    fresh_counts = _manifest(tmp_path / "fresh")["counts"]
+    assert {k: _manifest(out)["counts"][k] for k in ("images", "tagged", "failed")} == {
+        k: fresh_counts[k] for k in ("images", "tagged", "failed")}  # fmt: skip
+
+
+def test_update_refuses_other_options_and_hash_tells_content(tiny_model_dir, tmp_path, capsys):
+    images = _collection(tmp_path / "imgs", n=3)
+    out = tmp_path / "out"
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--hash") == 1
+    datagen.write_image(images / "new.jpg", 7)
+    capsys.readouterr()
+    assert _tag(tiny_model_dir, out, images, "--top-k", "4", "--update") == 2
+    err = capsys.readouterr().err
+    assert "options.top_k 3 -> 4" in err and "--overwrite" in err and "inputs." not in err
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--update", "--overwrite") == 2
+    # touched, same content: unchanged by content
+    target = images / "img01.jpg"
+    orig = target.stat()
+    os.utime(target, ns=(orig.st_atime_ns, orig.st_mtime_ns + 10**9))
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--update", "--hash") == 1
+    assert "this run: 1 images in" in capsys.readouterr().err  # only new.jpg
+    # other bytes of the same size and time as when tagged: only the content tells
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0x01
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(orig.st_atime_ns, orig.st_mtime_ns))
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--update") == 1
+    assert "this run: 0 images" in capsys.readouterr().err
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--update", "--hash") == 1
+    assert "this run: 1 images (1 changed)" in capsys.readouterr().err
+    assert _manifest(out)["superseded"] == {"part-00000.jsonl": [str(target)]}
+
+
+def test_csv_has_one_header_per_file_and_a_row_for_an_image_without_labels(tiny_model_dir, tmp_path):
+    from nxtrec.tagging.output import read_records
+
+    images = _collection(tmp_path / "imgs", n=5)
+    assert _tag(tiny_model_dir, tmp_path / "all", images, "--top-k", "3", "--part-size", "2") == 1
+    full = _records(tmp_path / "all")
+    tops = sorted(r["labels"][0]["prob"] for r in full)
+    threshold = (tops[1] + tops[2]) / 2  # two images keep no label, three keep some
+    out = tmp_path / "csv"
+    assert _tag(tiny_model_dir, out, images, "--top-k", "3", "--part-size", "2", "--min-prob", repr(threshold),
+                "--format", "csv") == 1  # fmt: skip
+    parts = sorted(out.glob("part-*.csv"))
+    assert len(parts) == 3
+    rows = []
+    for part in parts:
+        with open(part, newline="") as f:
+            got = list(csv.reader(f))
+        assert got[0] == ["id", "label", "prob"] and ["id", "label", "prob"] not in got[1:]
+        rows += got[1:]
+    want = []
+    for r in full:
+        kept = [lab for lab in r["labels"] if lab["prob"] >= threshold]
+        want += [[r["id"], lab["label"], repr(lab["prob"])] for lab in kept] or [[r["id"], "", ""]]
+    assert rows == want
+    assert sum(row[1] == "" for row in rows) == 2
+    assert str(images / "img99-corrupt.jpg") not in {row[0] for row in rows}  # failed: in errors.jsonl only
+    back = list(read_records(out))
+    assert [r["id"] for r in back] == [r["id"] for r in full]
+    assert sum(r["labels"] == [] for r in back) == 2

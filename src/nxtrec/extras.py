@@ -3,10 +3,17 @@ fails with one line saying which `pip install` to run, never with a traceback.
 
 The CLI (`cli/main.py`) turns a `ModuleNotFoundError` for one of the modules below into
 `MissingDependencyError`; code that catches its own ImportError uses `install_hint`, and
-`require` checks up front where a third-party call would wrap the ImportError."""
+`require` checks up front where a third-party call would wrap the ImportError.
+
+The same `nxtrec` package is also installed by `nxtrec-runtime` (runtime/pyproject.toml), the
+torch-free distribution: ONNX Runtime only, for `predict --onnx`, `tag --onnx` and `serve
+--onnx`. There the messages name that install's own fix (`nxtrec-runtime[serve]`), or, for a
+command that needs PyTorch or another extra, the switch to the full `nxtrec`."""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 
 from nxtrec.errors import NxtrecError
@@ -46,7 +53,7 @@ COMMAND_EXTRAS = {
     "download": "download",
 }
 
-# default dependencies (absent only from a `--no-deps` torch-free install): import -> distribution
+# default dependencies (absent only from a `--no-deps` install): import -> distribution
 CORE_DISTRIBUTIONS = {
     "torch": "torch",
     "numpy": "numpy",
@@ -62,17 +69,64 @@ CORE_DISTRIBUTIONS = {
 }
 
 
+RUNTIME_DISTRIBUTION = "nxtrec-runtime"
+RUNTIME_COMMANDS = "`predict --onnx`, `tag --onnx` and `serve --onnx`"
+# what nxtrec-runtime installs (runtime/pyproject.toml): its dependencies, import -> distribution
+RUNTIME_DEPENDENCIES = {
+    "onnxruntime": "onnxruntime",
+    "numpy": "numpy",
+    "PIL": "pillow",
+    "sentencepiece": "sentencepiece",
+    "braceexpand": "braceexpand",
+    "webdataset": "webdataset",
+    "yaml": "pyyaml",
+    "tomli": "tomli",
+}
+RUNTIME_EXTRAS = {"serve": ("fastapi", "uvicorn", "starlette", "anyio", "python_multipart")}
+
+
 class MissingDependencyError(NxtrecError):
     pass
 
 
-def install_hint(module: str, command: str | None = None) -> str:
-    """The `pip install` command that provides top-level import `module`."""
+@functools.cache
+def installed_distribution() -> str:
+    """The distribution that installed this `nxtrec`: "nxtrec-runtime" when only that one's
+    metadata is found, else "nxtrec" (also for a source checkout on PYTHONPATH). The two hold
+    the same files and should never be installed together (docs/install.md)."""
+    def installed(name: str) -> bool:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
+    return RUNTIME_DISTRIBUTION if installed(RUNTIME_DISTRIBUTION) and not installed("nxtrec") else "nxtrec"
+
+
+def install_hint(module: str, command: str | None = None, distribution: str | None = None) -> str:
+    """The `pip install` command that provides top-level import `module` (for `distribution`,
+    by default the installed one)."""
+    if (distribution or installed_distribution()) == RUNTIME_DISTRIBUTION:
+        return _runtime_hint(module, command)
     extras = MODULE_EXTRAS.get(module)
     if extras is None:
         return f"pip install {CORE_DISTRIBUTIONS.get(module, module)}"
     extra = COMMAND_EXTRAS.get(command) if COMMAND_EXTRAS.get(command) in extras else extras[0]
     return f"pip install 'nxtrec[{extra}]'"
+
+
+def _runtime_hint(module: str, command: str | None) -> str:
+    if module in RUNTIME_DEPENDENCIES:  # a dependency of nxtrec-runtime itself went missing
+        return f"pip install {RUNTIME_DEPENDENCIES[module]}"
+    for extra, modules in RUNTIME_EXTRAS.items():
+        if module in modules:
+            return f"pip install '{RUNTIME_DISTRIBUTION}[{extra}]'"
+    # PyTorch or an extra of the full distribution: switch to it (the two share their files)
+    extras = MODULE_EXTRAS.get(module)
+    extra = COMMAND_EXTRAS.get(command) if extras and COMMAND_EXTRAS.get(command) in extras else (extras or [None])[0]
+    target = f"'nxtrec[{extra}]'" if extra else "nxtrec"
+    return f"pip uninstall -y {RUNTIME_DISTRIBUTION} && pip install {target}"
 
 
 def missing_dependency(error: ModuleNotFoundError, command: str | None = None) -> MissingDependencyError | None:
@@ -93,9 +147,17 @@ def require(*modules: str, command: str | None = None) -> None:
 
 
 def _not_installed(module: str, command: str | None) -> MissingDependencyError:
+    hint = install_hint(module, command)
+    what = "PyTorch" if module == "torch" else module
+    if installed_distribution() == RUNTIME_DISTRIBUTION and hint.startswith("pip uninstall"):
+        needs = f"`nxtrec {command}`" if command else "this"
+        return MissingDependencyError(
+            f"{what} is not installed: this is {RUNTIME_DISTRIBUTION}, the torch-free nxtrec that runs only "
+            f"{RUNTIME_COMMANDS}; {needs} needs the full nxtrec instead: {hint}"
+        )
     if module == "torch":
         return MissingDependencyError(
-            "PyTorch is not installed (a torch-free install runs only `predict --onnx` and "
-            f"`tag --onnx`): {install_hint(module)}"
+            f"PyTorch is not installed (without it nxtrec runs only {RUNTIME_COMMANDS}, as the torch-free "
+            f"{RUNTIME_DISTRIBUTION} does): {hint}"
         )
-    return MissingDependencyError(f"{module} is not installed: {install_hint(module, command)}")
+    return MissingDependencyError(f"{module} is not installed: {hint}")

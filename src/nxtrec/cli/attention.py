@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import device
 
 
@@ -19,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output PNG; FILE.npy is written beside it. With 'all', "
                    "one pair per layer and head: FILE_layerL_headH.png/.npy")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no note on stderr about the bundled demo model, no loading line")
     p.set_defaults(func=run)
 
 
@@ -30,6 +33,19 @@ def _indices(value: str, count: int, option: str) -> list[int]:
     if not value.isdigit() or int(value) >= count:
         raise NxtrecError(f"{option} {value!r}: expected 'all' or a number from 0 to {count - 1}")
     return [int(value)]
+
+
+def selected(args) -> tuple[list[int], list[int]]:
+    """The layers and heads asked for, checked against the model directory's config.json
+    before its weights load (a missing or bad config is left to the loading to report)."""
+    from nxtrec.model.config import ConfigError, ModelConfig
+    from nxtrec.model.directory import default_model_dir
+
+    try:
+        dec = ModelConfig.load(Path(args.model or default_model_dir()) / "config.json").decoder
+    except (ConfigError, OSError):
+        return [], []
+    return _indices(args.layer, dec.n_layers, "--layer"), _indices(args.head, dec.n_heads, "--head")
 
 
 def output_paths(out: str, layer: int, head: int, single: bool) -> tuple[Path, Path]:
@@ -48,10 +64,13 @@ def run(args) -> int:
     from nxtrec.inference.heatmaps import attention_grid
     from nxtrec.inference.recognizer import Recognizer
 
-    rec = Recognizer.from_pretrained(args.model, device=args.device)
+    layers, heads = selected(args)  # out of range: an error before the weights load
+    with loading("attention", args.model, quiet=args.quiet):
+        rec = Recognizer.from_pretrained(args.model, device=args.device)
+    demo_notice(args.model, quiet=args.quiet)
     dec = rec.config.decoder
-    layers = _indices(args.layer, dec.n_layers, "--layer")
-    heads = _indices(args.head, dec.n_heads, "--head")
+    if not layers:  # config.json was not readable before loading
+        layers, heads = _indices(args.layer, dec.n_layers, "--layer"), _indices(args.head, dec.n_heads, "--head")
     blocks = image_attention(rec.model, rec.pixels([args.image]).to(rec.device), rec.prompt_ids, layers)
     single = len(layers) == len(heads) == 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from nxtrec.cli.metric_options import add_embedder_arguments
+from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import device, existing_dir, fraction, non_negative_int, positive_int
 from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
 
@@ -31,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--max-skipped", type=fraction, default=DEFAULT_MAX_SKIPPED, metavar="FRACTION",
                    help="exit with code 1 when more than this fraction of the samples was skipped (corrupt image, "
                    f"unreadable shard, ...; default {DEFAULT_MAX_SKIPPED})")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p)
     p.set_defaults(func=run_eval)
 
@@ -43,8 +47,11 @@ def run_eval(args) -> int:
     check_engine_choice(args.model, args.onnx, args.device, args.dtype)
     DecodeOptions(ranking=args.ranking, **vocab_kwargs(args)).check(capabilities_of(onnx=bool(args.onnx)))
 
+    demo_notice(args.model, args.onnx, quiet=args.quiet or os.environ.get("RANK", "0") != "0")  # torchrun: rank 0
+
     def load(device: str):
-        return load_engine(args.model, args.onnx, device=device, dtype=args.dtype)
+        with loading("eval", args.model, args.onnx, quiet=args.quiet):
+            return load_engine(args.model, args.onnx, device=device, dtype=args.dtype)
 
     skipped: dict[str, int] = {}
     summaries = evaluate(args.onnx or args.model, args.data, args.top_k, args.ranking, args.embedder, args.out, args.registry,

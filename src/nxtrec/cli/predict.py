@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from nxtrec.cli.notices import DEMO_NOTICE, demo_notice, loading  # noqa: F401 (DEMO_NOTICE: imported from here too)
 from nxtrec.cli.options import (
     device,
     existing_dir,
@@ -16,9 +17,6 @@ from nxtrec.cli.options import (
 )
 from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
 from nxtrec.model.image import EXIF_ENV, MAX_IMAGE_PIXELS, MAX_PIXELS_ENV
-
-# stderr, once, when no --model is given (not with --quiet or --json)
-DEMO_NOTICE = "note: bundled demo model (emoji scenes only); use --model DIR for real photos"
 
 
 def register(sub) -> None:
@@ -43,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
                    help="greedy sampler: divide the logits of tokens already written by this (1 = off)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("-q", "--quiet", action="store_true", help="no note on stderr about the bundled demo model")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no note on stderr about the bundled demo model, no loading line")
     p.add_argument("--maps", metavar="OUT_DIR", help="also write where each label was grounded: OUT_DIR/IMAGE/"
                    "NN_LABEL.png overlays and maps.json grids (one-shot sampler, PyTorch path)")
     p.add_argument("--verify", action="store_true",
@@ -90,7 +89,7 @@ def run(args) -> int:
         os.environ[EXIF_ENV] = "0"
     if args.max_pixels:
         os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
-    paths = list_images(args.images)
+    paths = list_images(args.images, strict=True)  # a mistyped folder: exit code 2
     if not paths:
         print("nxtrec predict: no images found", file=sys.stderr)
         return 1
@@ -98,10 +97,11 @@ def run(args) -> int:
     options.check(capabilities_of(onnx=bool(args.onnx)))
     if args.onnx:
         check_onnx_dir(args.onnx, args.verify)
-    engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype)
+    quiet = args.quiet or args.json
+    with loading("predict", args.model, args.onnx, quiet=quiet):
+        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype)
     check_top_k(options, engine.vocab_size)
-    if args.model is None and args.onnx is None and not (args.quiet or args.json):
-        print(DEMO_NOTICE, file=sys.stderr)
+    demo_notice(args.model, args.onnx, quiet=quiet)
     failed = 0
     for path, labels, error in predict_files(engine, paths, options, args.batch_size, each=_map_writer(args)):
         if error is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import (
     device,
     existing_dir,
@@ -36,7 +37,10 @@ def register(sub) -> None:
                    help="model processes; each batch is split between them, each on cores/N threads or "
                         "$OMP_NUM_THREADS (CPU)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (--model only)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="weights and activations; int8: dynamic int8 quantisation of the Linear layers (CPU only)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p, compat=False)
     p.set_defaults(func=run)
 
@@ -68,7 +72,10 @@ def run(args) -> int:
 
     options = DecodeOptions(**vocab_kwargs(args))
     options.check(capabilities_of(onnx=bool(args.onnx)))
-    engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype, processes=args.processes)
+    demo_notice(args.model, args.onnx, quiet=args.quiet)  # GET /v1/info tells the web page ("demo")
+    with loading("serve", args.model, args.onnx, quiet=args.quiet):
+        engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype,
+                                      processes=args.processes)  # fmt: skip
     try:
         print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
         # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish,

@@ -45,9 +45,17 @@ def register(sub) -> None:
                    help="ranks on this machine, each with every N-th part on cores/N threads or $OMP_NUM_THREADS "
                         "(CPU: faster than one process with N times the threads; --device cuda: one GPU each)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (torchrun: each rank its own GPU)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="weights and activations; int8: dynamic int8 quantisation of the Linear layers (CPU only)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out (else a rerun resumes)")
+    p.add_argument("--update", action="store_true",
+                   help="the inputs may differ from those --out was tagged with: tag only new and changed images "
+                        "into new parts, list removed ones in the manifest (other options must stay the same)")
+    p.add_argument("--hash", dest="content_hash", action="store_true",
+                   help="tell changed images by their content's SHA-256 (reads every image) instead of size and "
+                        "modification time")
     p.add_argument("--log-every", type=positive_float, default=30.0, help="seconds between progress lines when not on a terminal")
+    p.add_argument("-q", "--quiet", action="store_true", help="no note on stderr about the bundled demo model")
     p.add_argument("--verify", action="store_true",
                    help="with --onnx: check every file's SHA-256 against the export manifest first")
     add_vocab_arguments(p)
@@ -55,11 +63,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from nxtrec.cli.notices import check_input_paths, demo_notice, loading
+    from nxtrec.cli.predict import check_onnx_dir
     from nxtrec.tagging.job import TagOptions, run_tag
 
-    from nxtrec.cli.predict import check_onnx_dir
-
-    options = TagOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "func", "argv", "verify")})
+    skip = ("command", "func", "argv", "verify", "quiet")
+    options = TagOptions(**{k: v for k, v in vars(args).items() if k not in skip})
+    check_input_paths(options.inputs)
     if options.onnx:
         check_onnx_dir(options.onnx, args.verify)
     if options.processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -67,7 +77,9 @@ def run(args) -> int:
 
         options.validate()
         return run_ranks(args.argv, options.processes)
-    summary = run_tag(options)
+    if os.environ.get("RANK", "0") == "0":  # once, from the process that reports
+        demo_notice(options.model, options.onnx, args.quiet)
+    summary = run_tag(options, lambda: loading("tag", options.model, options.onnx, args.quiet))
     if summary.counts:  # rank 0
         print(f"nxtrec tag: {summary.line()}", file=sys.stderr)
         return 1 if summary.counts["failed"] else 0

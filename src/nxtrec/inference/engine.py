@@ -9,7 +9,7 @@ get one from `nxtrec.engines.load_engine` and use only what is here (torch-free)
 - `predict` / `predict_files`: the one batching loop (the second one keeps going past bad
   images);
 - `finish_labels`: from sampled branches to the labels a user sees (compat, tag list,
-  ranking, mapping), the same for both engines.
+  ranking, mapping, exclude/replace rules, min_prob), the same for both engines.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import numpy as np
 
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.compat import as_reference, check_compat, rank_ppl_as_reference
+from nxtrec.inference.label_rules import rules_for
 from nxtrec.inference.mapping import DEFAULT_MAP_THRESHOLD, mapper_for
-from nxtrec.inference.ranking import RANKINGS, Branch, Label, rank_labels
+from nxtrec.inference.ranking import RANKINGS, Branch, Label, keep_labels, rank_labels
 from nxtrec.inference.vocab import keep_listed
 from nxtrec.model.image import ImageError, ImageInput, load_image, preprocess_array
 
@@ -78,6 +79,12 @@ class DecodeOptions:
     seed: int | None = None
     beam_size: int | None = None
     length_penalty: float | None = None
+    # label rules (nxtrec.inference.label_rules), applied before the top_k cut: labels to drop
+    # (a tag list: path, lines or LabelList) and `from -> to` renames (path, lines, a mapping
+    # or ReplaceRules); labels renamed alike merge
+    exclude: Any = None
+    replace: Any = None
+    min_prob: float = 0.0  # labels below this probability are dropped (after the top_k cut)
 
     @classmethod
     def of(cls, options: DecodeOptions | None = None, **changes) -> DecodeOptions:
@@ -95,6 +102,9 @@ class DecodeOptions:
         """Every rule about options that do not go together, or that an engine lacks."""
         if self.top_k < 1 or self.extra_k < 0:
             raise NxtrecError(f"top_k must be >= 1 and extra_k >= 0 (got {self.top_k}, {self.extra_k})")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise NxtrecError(f"min_prob must be in [0, 1] (got {self.min_prob})")
+        rules_for(self.exclude, self.replace)  # a bad rule file fails here, once (cached)
         if self.sampler not in SAMPLERS:
             raise NxtrecError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.sampler not in capabilities.samplers:
@@ -166,18 +176,26 @@ def predict_files(engine: Engine, paths: Sequence[str], options: DecodeOptions, 
 def finish_labels(branches: list[list[Branch]], options: DecodeOptions, decode: Callable, delimiter_id: int,
                   embed_tokens: Callable, image_tokens: Callable | None = None, trie=None) -> list[list[Label]]:  # fmt: skip
     """Sampled branches -> each image's labels: the reference's quirks (compat), then the tag
-    list, the ranking and the mapping to a tag list. `image_tokens(i)` gives image i's tokens
-    for the "sim" ranking."""
+    list, the ranking, the mapping to a tag list, the exclude/replace rules, the top_k cut and
+    min_prob. `image_tokens(i)` gives image i's tokens for the "sim" ranking."""
     if options.compat:
         branches = as_reference(options.sampler, branches, delimiter_id)
     if trie is not None:
         branches, decode = [keep_listed(b, trie) for b in branches], trie.label
-    top_k, ranking = options.top_k, options.ranking
+    rules = rules_for(options.exclude, options.replace)
+    ranking = options.ranking
+    cut = options.top_k if rules is None else None  # with rules: cut once they have run
     if options.compat and ranking == "ppl":
-        labels = [rank_ppl_as_reference(br, decode, top_k) for br in branches]
+        labels = [rank_ppl_as_reference(br, decode, cut) for br in branches]
     else:
-        labels = [rank_labels(br, decode, ranking, top_k, embed_tokens=embed_tokens, delimiter_id=delimiter_id,
+        labels = [rank_labels(br, decode, ranking, cut, embed_tokens=embed_tokens, delimiter_id=delimiter_id,
                               image_tokens=image_tokens(i) if ranking == "sim" else None)
                   for i, br in enumerate(branches)]  # fmt: skip
     mapper = mapper_for(options.map_to, options.map_threshold)
-    return labels if mapper is None else [mapper.map(labs, top_k) for labs in labels]
+    if mapper is not None:
+        labels = [mapper.map(labs, cut) for labs in labels]
+    if rules is not None:  # --map-to lists are ordered by probability whatever the ranking
+        by_prob = ranking == "prob" or mapper is not None
+        add = options.sampler == "one-shot"  # alternative branches add up; one answer's labels do not
+        labels = [rules.apply(labs, by_prob, add)[: options.top_k] for labs in labels]
+    return [keep_labels(labs, options.min_prob) for labs in labels] if options.min_prob > 0 else labels

@@ -18,6 +18,9 @@ import numpy as np
 from nxtrec.errors import NxtrecError
 
 RANKINGS = ("prob", "ppl", "sim", "none")
+# Significant digits of the probabilities and scores written out (JSON of predict, serve, eval
+# records); `Label.prob` itself keeps full precision.
+OUTPUT_DIGITS = 6
 # The reference stops after 19 updates (the first top-k step counts as one) and then closes
 # every branch with a delimiter whose probability counts as 1.
 MAX_LABEL_TOKENS = 19
@@ -38,12 +41,20 @@ class Label:
     map: np.ndarray | None = None
 
     def to_dict(self) -> dict:
-        d = {"label": self.label, "prob": self.prob}
+        """The label as written out: prob (and score) rounded to `OUTPUT_DIGITS` significant
+        digits, the map to 6 decimals."""
+        d = {"label": self.label, "prob": rounded(self.prob)}
         if self.score is not None:
-            d["score"] = self.score
+            d["score"] = rounded(self.score)
         if self.map is not None:
             d["map"] = np.round(self.map.astype(np.float64), 6).tolist()
         return d
+
+
+def rounded(x: float, digits: int = OUTPUT_DIGITS) -> float:
+    """`x` to `digits` significant digits (0.123456789 -> 0.123457, 1.23456789e-07 ->
+    1.23457e-07): small probabilities keep their relative precision."""
+    return float(f"{x:.{digits}g}")
 
 
 @dataclass
@@ -51,6 +62,10 @@ class Branch:
     tokens: list[int]
     probs: list[float]
     map: np.ndarray | None = None  # grounding map over the image-token grid, when recorded
+    # True for the labels of one answer sequence (greedy, beam): a label written again later
+    # in the same answer is the same label, counted once (its first occurrence). False for
+    # one-shot branches: alternative continuations, whose probabilities add up.
+    from_answer: bool = False
 
 
 def to_branches(seqs: list[list[int]], probs: list[list[float]], k: int, delimiter_id: int) -> list[list[Branch]]:
@@ -90,7 +105,8 @@ def rank_labels(
     """Merge branches that decode to the same label (commas removed) and rank them.
 
     prob: sum over a label's branches of the product of its token probabilities, highest
-      first (the paper's default).
+      first (the paper's default). Labels of one answer (greedy, beam: `Branch.from_answer`)
+      are not summed: a repeated label keeps its first occurrence, so every prob is in [0, 1].
     ppl:  perplexity exp(-mean log p) of the label's tokens (best branch), lowest first.
     sim:  mean Euclidean distance sqrt(2 - 2 cos)/2 between the label's token embeddings
       (`embed_tokens(ids)`, delimiter included) and the image tokens [P, dim], lowest first.
@@ -104,6 +120,8 @@ def rank_labels(
     img = _normalize(np.asarray(image_tokens, dtype=np.float32)) if ranking == "sim" else None
     labels = []
     for name, brs in groups.items():
+        if brs[0].from_answer:
+            brs = brs[:1]
         prob = sum(math.prod(b.probs) for b in brs)
         score = None
         if ranking == "ppl":
@@ -125,6 +143,7 @@ def rank_labels(
 
 def keep_labels(labels: list[Label], min_prob: float = 0.0, max_labels: int | None = None) -> list[Label]:
     """Ranked labels (best first) with probability >= min_prob, at most max_labels of them:
-    the selection of `nxtrec tag` and `nxtrec serve`."""
-    kept = [lab for lab in labels if lab.prob >= min_prob]
+    the selection of `nxtrec tag` and `nxtrec serve`. The probability compared is the one
+    written out (`rounded`), so a threshold copied from an output keeps that label."""
+    kept = [lab for lab in labels if rounded(lab.prob) >= min_prob]
     return kept[:max_labels] if max_labels else kept

@@ -7,7 +7,8 @@
 - `one_shot_no_cache`: the reference implementation's algorithm (the whole sequence of every
   branch is re-run at every step), kept as the baseline that benchmarks and tests compare to.
 - `greedy` (top-k / top-p, temperature, repetition penalty) and `beam_search`: one sequence
-  per image, split into labels at the delimiter.
+  per image, split into labels at the delimiter; a label's probability is the product of its
+  tokens' probabilities (delimiter included), a label written twice counts once.
 Ranking the branches into labels is in `nxtrec.ranking` (shared with the ONNX path).
 """
 
@@ -281,17 +282,20 @@ def _extend_beams(logits: torch.Tensor, rows: list, beam_size: int, eos_id: int,
 
 
 def _split_labels(seq, probs, eos_id, delimiter_id) -> list[Branch]:
-    """Cut one answer sequence into labels at the delimiter (stop at EOS)."""
+    """Cut one answer sequence into labels at the delimiter (its probability included); the
+    last label ends at EOS. A label still unfinished when the answer ran out of tokens (no
+    delimiter, no EOS: e.g. "sn" of "snake") is dropped. The labels are marked as one
+    answer's (`Branch.from_answer`): a repeated label is ranked once, not summed."""
     out, toks, ps = [], [], []
     for t, p in zip(seq, probs):
         if t == eos_id:
-            break
+            if toks:
+                out.append(Branch(toks, ps, from_answer=True))
+            return out
         ps.append(p)
         if t == delimiter_id:
-            out.append(Branch(toks, ps))
+            out.append(Branch(toks, ps, from_answer=True))
             toks, ps = [], []
         else:
             toks.append(t)
-    if toks:
-        out.append(Branch(toks, ps))
     return out

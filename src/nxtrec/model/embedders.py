@@ -86,9 +86,22 @@ class MiniLMEmbedder(CachedEmbedder):
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(device)
         self.device = device
 
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Word pieces of `texts`, each cut at `max_tokens`, padded to the longest of the batch
+        (never to the limit: a batch of short labels stays a few pieces wide). The padding is
+        done here, not by the tokenizer, whose tokenizer.json in the MiniLM package carries
+        a fixed padding to 128 that some transformers versions apply."""
+        pieces = self.tokenizer(texts, max_length=self.max_tokens, truncation=True, padding=False)
+        width = max(len(ids) for ids in pieces["input_ids"])
+        out = {}
+        for name, rows in pieces.items():
+            fill = self.tokenizer.pad_token_id if name == "input_ids" else 0
+            out[name] = torch.tensor([row + [fill] * (width - len(row)) for row in rows], dtype=torch.long)
+        return out
+
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, max_length=self.max_tokens, truncation=True, padding=True, return_tensors="pt").to(self.device)
+        tok = {name: t.to(self.device) for name, t in self.tokenize(texts).items()}
         hidden = self.model(**tok).last_hidden_state
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -238,16 +238,22 @@ def preprocess(img: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD):
     return torch.from_numpy(preprocess_array(img, size, mean, std))
 
 
-def list_images(paths) -> list[str]:
+def list_images(paths, strict: bool = False) -> list[str]:
     """Expand folder arguments to the images inside them (sorted); keep other arguments as
     given. Nothing is dropped silently: an unreadable sub-folder, and an entry with an image
     extension that is not a regular file (FIFO, broken link, link loop), stay in the list so
-    that `load_image` reports them."""
+    that `load_image` reports them.
+
+    strict (a command's own arguments): an argument that does not exist (a mistyped folder or
+    file name; URLs excepted, which fail as images) is a usage error (`NxtrecError`, exit code
+    2) before any model loads, instead of an image that fails."""
     out: list[str] = []
     for p in paths:
         name = os.fspath(p)
         if os.path.isdir(name):
             out += _images_in_folder(str(Path(name)))
+        elif strict and not (os.path.lexists(name) or _URL.match(name)):
+            raise NxtrecError(f"{name}: no such file or folder")
         else:
             out.append(name)
     return out

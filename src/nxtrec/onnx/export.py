@@ -52,6 +52,7 @@ from nxtrec.onnx.layout import (
     OnnxExportError,
     check_out_dir,
     export_module,
+    imports_frozen,
     share_external_data,
 )
 from nxtrec.onnx.quantize import quantize_dir
@@ -60,6 +61,7 @@ from nxtrec.onnx.validate import (
     sample_pixels,
     torch_reference,
     validate_export,
+    validation_line,
 )
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -178,7 +180,7 @@ def check_against_reference(float_dir: Path, manifest: dict, ref, sample: str, d
     """Run the exported graphs in ONNX Runtime against PyTorch's outputs `ref`; the largest
     differences go into `manifest["validation"]`. Above the tolerance (by default the dtype's)
     the manifest is written marked as failed and the export is an error."""
-    diffs = validate_export(float_dir, ref, log=log)
+    diffs = validate_export(float_dir, ref)
     manifest["validation"] = {"max_abs_diff": diffs, "sample": sample}
     limit = tolerance if tolerance is not None else default_tolerance(dtype)
     if limit is None:
@@ -204,8 +206,6 @@ def export_onnx(
 ) -> dict:
     """`nxtrec export-onnx`: model directory -> ONNX directory. Returns the manifest (with
     `validation`: max differences against PyTorch, and `sizes`)."""
-    from nxtrec.model.directory import TOKENIZER_FILE, load_model_dir
-
     if dtype not in EXPORT_DTYPES:
         raise OnnxExportError(f"--dtype {dtype}: choose from {', '.join(EXPORT_DTYPES)}")
     if quantize not in (None, "int8"):
@@ -214,6 +214,14 @@ def export_onnx(
         raise OnnxExportError("--quantize int8 quantizes a float32 export; use --dtype float32")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_out_dir(out_dir)
+    with imports_frozen():
+        return _export(model_dir, out_dir, dtype, quantize, validate, image, tolerance, log)
+
+
+def _export(model_dir: Path, out_dir: Path, dtype: str, quantize: str | None, validate: bool,
+            image: str | Path | None, tolerance: float | None, log) -> dict:
+    from nxtrec.model.directory import TOKENIZER_FILE, load_model_dir
+
     log(f"loading {model_dir} ...")
     model, tokenizer = load_model_dir(model_dir, dtype=EXPORT_DTYPES[dtype])
     config = model.config
@@ -239,8 +247,9 @@ def export_onnx(
             float_validation = manifest.get("validation")
             manifest = quantize_dir(float_dir, out_dir, log=log)
             if ref is not None:
-                log("int8 export (differences reported, not checked against a tolerance):")
-                manifest["validation"] = {"max_abs_diff": validate_export(out_dir, ref, log=log), "sample": sample,
+                log("float32 export before quantization: " + validation_line(float_validation["max_abs_diff"]))
+                log("int8 export: differences reported, not checked against a tolerance")
+                manifest["validation"] = {"max_abs_diff": validate_export(out_dir, ref), "sample": sample,
                                           "float32_before_quantization": float_validation["max_abs_diff"]}
     finally:
         if quantize:

@@ -40,6 +40,25 @@ def quiet():
         logging.disable(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def imports_frozen():
+    """Make the export's `gc.collect()` calls cheap: everything that exists on entry (chiefly
+    the millions of objects made by importing torch, sympy, onnxscript and onnx_ir) is moved
+    out of the collector's reach (`gc.freeze`) until exit, so a collection walks only what
+    the export itself made. Measured: 8 collections cost 1.9 s of a 19 s export of the
+    bundled model without it. Enter it before the model is loaded, so that the model's own
+    objects stay collectable (the export frees it before validating)."""
+    import onnx  # noqa: F401 - imported here, before the freeze, rather than by the first export
+    import onnxscript  # noqa: F401
+    import torch.onnx._internal.exporter._core  # noqa: F401
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def export_module(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

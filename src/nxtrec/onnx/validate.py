@@ -51,8 +51,9 @@ def torch_reference(model: NxtpModel, tokenizer: Tokenizer, pixels: torch.Tensor
     }
 
 
-def validate_export(out_dir: Path, ref: dict, log=print) -> dict:
-    """Run ONNX Runtime on the reference inputs and return the max absolute differences.
+def validate_export(out_dir: Path, ref: dict) -> dict:
+    """Run ONNX Runtime on the reference inputs and return the max absolute differences
+    (`validation_line` formats them; `nxtrec export-onnx` prints them once, at the end).
     Sessions are opened one at a time (each decoder graph holds the full weights)."""
     from nxtrec.onnx.sessions import NP_DTYPES, make_session
 
@@ -95,8 +96,11 @@ def validate_export(out_dir: Path, ref: dict, log=print) -> dict:
     diffs["step_logits"] = worst
     del sess
     gc.collect()
-    log("validation (max |ONNX Runtime - PyTorch|): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     return diffs
+
+
+def validation_line(diffs: dict) -> str:
+    return "max |ONNX Runtime - PyTorch|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
 
 
 def sample_pixels(config: ModelConfig, image: str | Path | None = None, batch: int = 2) -> torch.Tensor:

@@ -3,13 +3,16 @@
     app = create_app(start_engine_process(), ServeConfig(max_batch=16))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Endpoints: POST /v1/tag, GET /healthz, /readyz, /metrics, /openapi.json, /docs (an offline
-page reading /openapi.json) and the web page at / with its files under /static/.
+Endpoints: POST /v1/tag, GET /v1/info, /healthz, /readyz, /metrics, /openapi.json, /docs (an
+offline page reading /openapi.json, with this server's address) and the web page at / with its
+files under /static/.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import anyio
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
 from nxtrec.inference.engine import DecodeOptions, Engine
@@ -29,8 +32,14 @@ from nxtrec.serving.uploads import RequestError, decode, read_uploads
 
 STATIC = Path(__file__).parent / "static"
 MAX_TOP_K = 100
-KNOWN_PATHS = {"/", "/docs", "/openapi.json", "/healthz", "/readyz", "/metrics", "/v1/tag"}
+KNOWN_PATHS = {"/", "/docs", "/openapi.json", "/healthz", "/readyz", "/metrics", "/v1/tag", "/v1/info"}
 PUBLIC_PATHS = {"/", "/docs", "/healthz"}  # no data behind them (see middleware.ApiKey)
+# nxtrec.model.directory.default_model_dir(), without importing torch into the server
+# (tests/test_serve.py checks that both agree); an engine is named after its directory.
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "assets" / "default-model"
+DEMO_NOTE = ("This server runs nxtrec's bundled demo model, trained on synthetic scenes of emoji: it knows only "
+             "127 emoji categories, so real photos get emoji labels. For real photos, get the released weights "
+             "(nxtrec download nxtp-1.78b-g70m --out DIR, see docs/models.md) and start nxtrec serve --model DIR.")
 OPENAPI_BODY = {  # the body is read by hand (two forms), so it is described here for /docs
     "required": True,
     "content": {
@@ -99,8 +108,8 @@ def _add_routes(app: FastAPI) -> None:
         return FileResponse(STATIC / "index.html")
 
     @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return FileResponse(STATIC / "docs.html")
+    async def docs(request: Request):
+        return HTMLResponse(_docs_page(request))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz():
@@ -111,6 +120,11 @@ def _add_routes(app: FastAPI) -> None:
         if not (request.app.state.batcher.alive and _alive(request.app.state.engine)):
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "model": request.app.state.engine.name}
+
+    @app.get("/v1/info", summary="The model served: its name, whether it is the bundled demo model, "
+                                 "whether it gives maps (maps=true), and a note for people")
+    async def info(request: Request):
+        return model_info(request.app.state.engine)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
@@ -163,6 +177,30 @@ async def _tag(request: Request, query: dict) -> dict:
         ],
         "time_ms": round((time.perf_counter() - start) * 1000, 3),
     }
+
+
+def model_info(engine: Engine) -> dict:
+    """What GET /v1/info answers: the page shows `note` and switches heat maps off without `maps`."""
+    demo = engine.name == DEFAULT_MODEL_DIR.name
+    return {"model": engine.name, "demo": demo, "maps": bool(engine.capabilities.maps),
+            "note": DEMO_NOTE if demo else None}
+
+
+def _docs_page(request: Request) -> str:
+    """docs.html with the address the client reached this server at (escaped: it comes from the
+    Host header) and example answers (with this model's name, unless an API key hides it)."""
+    state = request.app.state
+    info = model_info(state.engine) if not state.config.api_key else {"model": "MODEL", "demo": False, "maps": True,
+                                                                        "note": None}
+    tag = {"model": info["model"], "results": [{"labels": [{"label": "snake", "prob": 0.624538},
+                                                           {"label": "star", "prob": 0.0535475}],
+                                                "width": 256, "height": 256}], "time_ms": 41.9}
+    values = {"{{base}}": str(request.base_url).rstrip("/"), "{{tag_example}}": json.dumps(tag),
+              "{{info_example}}": json.dumps(info, indent=1)}
+    page = (STATIC / "docs.html").read_text(encoding="utf-8")
+    for placeholder, value in values.items():
+        page = page.replace(placeholder, html.escape(value))
+    return page
 
 
 def _alive(engine: Engine) -> bool:

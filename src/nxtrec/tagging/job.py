@@ -1,11 +1,14 @@
-"""`nxtrec tag` as a job: inputs cut into parts, the parts of this rank that are not done yet
-decoded in worker processes and labelled batch by batch, each part written when complete,
-then (rank 0) the merged manifest. Under torchrun, rank r takes parts r, r + world, ..."""
+"""`nxtrec tag` as a job: the inputs without a current record (new, changed, or left by a
+killed run) cut into parts, this rank's parts decoded in worker processes and labelled batch
+by batch, each part written when complete, then (rank 0) the merged manifest. Under
+torchrun, rank r takes parts r, r + world, ... of this run's plan."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -14,8 +17,8 @@ from nxtrec.distributed import RankInfo, setup_distributed
 from nxtrec.engines import capabilities_of, check_engine_choice, load_engine
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.engine import DecodeOptions, Engine
-from nxtrec.tagging.inputs import InputItem, collect_inputs, inputs_digest
-from nxtrec.tagging.output import TagOutput
+from nxtrec.tagging.inputs import InputItem, collect_inputs, fingerprint, inputs_digest
+from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
 from nxtrec.tagging.prefetch import BatchDecoder, prefetched_batches
 from nxtrec.tagging.progress import Progress
@@ -43,16 +46,21 @@ class TagOptions:
     device: str = "cpu"
     dtype: str = "float32"
     overwrite: bool = False
+    update: bool = False  # the inputs may differ: tag new and changed images, list removed ones
+    content_hash: bool = False  # tell changed images by their SHA-256 instead of size and time
     log_every: float = 30.0
     maps: bool = False  # each label's grounding map in the records (nxtrec.inference.attention)
     vocab: str | None = None  # a tag list to decode into (nxtrec.inference.vocab)
     map_to: str | None = None  # a tag list to map free labels to (nxtrec.inference.mapping)
     map_threshold: float = 0.5
+    exclude: str | None = None  # labels to drop (nxtrec.inference.label_rules)
+    replace: str | None = None  # `from -> to` label renames (nxtrec.inference.label_rules)
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
                              vocab=self.vocab, map_to=self.map_to, map_threshold=self.map_threshold,
-                             compat=self.compat)  # fmt: skip
+                             compat=self.compat, min_prob=self.min_prob, exclude=self.exclude,
+                             replace=self.replace)  # fmt: skip
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "part_size"):
@@ -70,6 +78,8 @@ class TagOptions:
             raise NxtrecError("--processes cannot share standard input (--list -); write the list to a file")
         if self.maps and self.fmt != "jsonl":
             raise NxtrecError("--maps needs --format jsonl")
+        if self.update and self.overwrite:
+            raise NxtrecError("--update keeps the records in --out and --overwrite discards them: choose one")
 
     def settings(self, items: list[InputItem]) -> dict:
         """Everything the records depend on: a folder is resumed only with the same settings.
@@ -85,6 +95,7 @@ class TagOptions:
         options.update({"compat": self.compat} if self.compat else {})
         options.update({"vocab": self.vocab} if self.vocab else {})
         options.update({"map_to": self.map_to, "map_threshold": self.map_threshold} if self.map_to else {})
+        options.update({name: getattr(self, name) for name in ("exclude", "replace") if getattr(self, name)})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -94,13 +105,35 @@ class TagSummary:
     new_images: int
     seconds: float
     out: Path
+    changed: int = 0  # of new_images: images that had a record before (changed, or retried)
 
     def line(self) -> str:
         c = self.counts
         rate = self.new_images / max(self.seconds, 1e-9)
         state = "" if c["parts_done"] == c["parts"] else f", {c['parts'] - c['parts_done']} parts left"
+        state += f", {c['removed']} removed" if c.get("removed") else ""
+        changed = f" ({self.changed} changed)" if self.changed else ""
         return (f"{c['images']} images ({c['tagged']} tagged, {c['failed']} failed{state}) in {self.out}; "
-                f"this run: {self.new_images} images in {self.seconds:.1f} s, {rate:.1f} images/s")  # fmt: skip
+                f"this run: {self.new_images} images{changed} in {self.seconds:.1f} s, {rate:.1f} images/s")  # fmt: skip
+
+
+@dataclass
+class TagPlan:
+    """This run's work: the inputs without a current record, cut into parts numbered from the
+    lowest free number (a first run, or its resumption: part p = inputs p * size ...)."""
+
+    todo: list[int]  # indices into the inputs, in input order
+    numbers: list[int]  # part number of todo[j * size : (j + 1) * size]
+    changed: int  # todo images that have a record already
+
+    @classmethod
+    def of(cls, inputs: list[tuple[str, dict | None]], entries: list[PartEntry], size: int) -> TagPlan:
+        picks = match_entries(inputs, entries)
+        todo = [i for i, k in enumerate(picks) if k is None]
+        finished, known = {e.part for e in entries}, {e.id for e in entries}
+        free = (n for n in range(len(finished) + len(todo) + 1) if n not in finished)
+        numbers = [next(free) for _ in range(-(-len(todo) // size))]
+        return cls(todo, numbers, sum(inputs[i][0] in known for i in todo))
 
 
 def _join_ranks(opts: TagOptions) -> tuple[RankInfo, str]:
@@ -115,51 +148,70 @@ def _join_ranks(opts: TagOptions) -> tuple[RankInfo, str]:
     return info, str(info.device)
 
 
-def _tag_parts(engine: Engine, items: list[InputItem], parts: list[int], opts: TagOptions,
+def _tag_parts(engine: Engine, items: list[InputItem], fps: list, parts: list[tuple[int, range]], opts: TagOptions,
                output: TagOutput, progress: Progress) -> None:  # fmt: skip
-    """Label the given parts in order and write each one as soon as it is complete."""
-    n, size = len(items), opts.part_size
-    plan = [r for p in parts for r in batch_ranges(p * size, min((p + 1) * size, n), opts.batch_size)]
+    """Label the given parts (number, range of `items`) in order and write each one as soon
+    as it is complete, with the fingerprints its images had when the run started."""
+    plan = [r for _, span in parts for r in batch_ranges(span.start, span.stop, opts.batch_size)]
     if not plan:
         return
     batches = prefetched_batches(BatchDecoder(items, plan, engine.preprocessing), opts.workers)
     options = opts.decode_options()
     results = tag_batches(lambda pixels: engine.predict_batch(pixels, options), items, batches, opts.min_prob,
                           opts.max_labels)  # fmt: skip
-    for p in parts:
+    for number, span in parts:
         part = []
-        for result in islice(results, min((p + 1) * size, n) - p * size):
+        for result in islice(results, len(span)):
             part.append(result)
             progress.update(1, result.error is not None)
-        output.write_part(p, part)
+        output.write_part(number, part, [fps[i] for i in span])
 
 
-def run_tag(opts: TagOptions) -> TagSummary:
-    opts.validate()
-    items = collect_inputs(opts.inputs, opts.list_file, opts.shards)
+def _inputs(opts: TagOptions, output: TagOutput) -> tuple[list[InputItem], dict]:
+    """The inputs, with the ids their folders had in --out before, and the folders' roots."""
+    manifest = None if opts.overwrite or not output.folder.is_dir() else output.read_manifest()
+    roots = dict((manifest or {}).get("roots", {}))
+    items = collect_inputs(opts.inputs, opts.list_file, opts.shards, roots=roots)
     if not items:
         raise NxtrecError("no images found in the given inputs")
+    return items, roots
+
+
+def _progress(opts: TagOptions, ranks: RankInfo, items: list, plan: TagPlan, mine: list[tuple[int, range]]) -> Progress:
+    if ranks.world == 1:
+        return Progress(len(items), len(items) - len(plan.todo), log_every=opts.log_every)
+    # rank 0 shows its own share: the ranks' shares differ by at most a part
+    return Progress(sum(len(span) for _, span in mine), 0, enabled=ranks.rank == 0, log_every=opts.log_every,
+                    desc=f"tag (rank 0 of {ranks.world})")  # fmt: skip
+
+
+def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nullcontext) -> TagSummary:
+    """Tag what is not tagged yet; `loading()` wraps the model's load (the CLI shows a line)."""
+    opts.validate()
     output = TagOutput(opts.out, opts.fmt)
+    items, roots = _inputs(opts, output)
     settings = opts.settings(items)
-    output.check(settings, opts.overwrite)
+    output.check(settings, opts.overwrite, opts.update)
+    if opts.update:  # refuse a folder without fingerprints before its manifest names the new inputs
+        output.read_entries(None, opts.part_size)
     ranks, device = _join_ranks(opts)
     try:
-        engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype)
+        with loading():
+            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype)
         if ranks.rank == 0:
-            output.prepare(settings, opts.overwrite)
+            output.prepare(settings, opts.overwrite, roots)
         ranks.barrier()
-        num_parts = -(-len(items) // opts.part_size)
-        done = output.done_parts()
-        mine = [p for p in range(ranks.rank, num_parts, ranks.world) if p not in done]
-        part_images = [min((p + 1) * opts.part_size, len(items)) - p * opts.part_size for p in range(num_parts)]
-        if ranks.world == 1:
-            progress = Progress(len(items), sum(part_images[p] for p in done if p < num_parts), log_every=opts.log_every)
-        else:  # rank 0 shows its own share: the ranks' shares differ by at most a part
-            progress = Progress(sum(part_images[p] for p in mine), 0, enabled=ranks.rank == 0,
-                                log_every=opts.log_every, desc=f"tag (rank 0 of {ranks.world})")
+        inputs = [(item.id, fingerprint(item, opts.content_hash)) for item in items]
+        legacy = None if opts.update else items  # parts written before fingerprints: positional
+        plan = TagPlan.of(inputs, output.read_entries(legacy, opts.part_size), opts.part_size)
+        ranks.barrier()  # every rank has its plan before any part of this run appears
+        todo, size = [items[i] for i in plan.todo], opts.part_size
+        parts = [(n, range(j * size, min((j + 1) * size, len(todo)))) for j, n in enumerate(plan.numbers)]
+        mine = parts[ranks.rank :: ranks.world]
+        progress = _progress(opts, ranks, items, plan, mine)
         start = time.monotonic()
         try:
-            _tag_parts(engine, items, mine, opts, output, progress)
+            _tag_parts(engine, todo, [inputs[i][1] for i in plan.todo], mine, opts, output, progress)
         finally:
             progress.close()
         stats = ranks.gather((progress.new, time.monotonic() - start))
@@ -167,10 +219,11 @@ def run_tag(opts: TagOptions) -> TagSummary:
         new_images, seconds = sum(s[0] for s in stats), max(s[1] for s in stats)
         counts = {}
         if ranks.rank == 0:
-            this_run = {"images": new_images, "seconds": round(seconds, 3), "images_per_s": round(new_images / max(seconds, 1e-9), 2)}
+            this_run = {"images": new_images, "new": len(plan.todo) - plan.changed, "changed": plan.changed,
+                        "seconds": round(seconds, 3), "images_per_s": round(new_images / max(seconds, 1e-9), 2)}  # fmt: skip
             name = "onnxruntime cpu" if opts.onnx else f"pytorch {device} {opts.dtype}"
             extra = {"engine": name, "world_size": ranks.world, "batch_size": opts.batch_size, "this_run": this_run}
-            counts = output.finish(settings, num_parts, extra)
-        return TagSummary(counts, new_images, seconds, output.folder)
+            counts = output.finish(settings, inputs, output.read_entries(legacy, opts.part_size), extra)
+        return TagSummary(counts, new_images, seconds, output.folder, plan.changed)
     finally:
         ranks.close()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from nxtrec.inference.engine import DecodeOptions, Engine
-from nxtrec.inference.ranking import Label, keep_labels
+from nxtrec.inference.ranking import Label, keep_labels, rounded
 from nxtrec.tagging.decode import image_name
 from nxtrec.tagging.inputs import InputItem
 from nxtrec.tagging.prefetch import BatchDecoder, DecodedBatch, prefetched_batches
@@ -26,7 +26,7 @@ class TagResult:
     error: str | None = None
 
     def to_record(self) -> dict:
-        labels = [{"label": lab.label, "prob": lab.prob} for lab in self.labels]
+        labels = [{"label": lab.label, "prob": rounded(lab.prob)} for lab in self.labels]
         for record, lab in zip(labels, self.labels):
             if lab.map is not None:  # `nxtrec tag --maps`: the grid over the image patches
                 record["map"] = lab.to_dict()["map"]

@@ -56,7 +56,7 @@ for r in map(Requirement, requirements):
 # ---- with the default Python: the wheels, a tiny model and its ONNX export, a folder to pack
 mkdir -p "$WORK/source" "$WORK/photos"
 cp -r pyproject.toml README.md src "$WORK/source/"
-"$PY" -m pip wheel -qq --no-deps -w "$WORK/wheel" "$WORK/source" runtime >/dev/null
+"$PY" -m pip wheel -qq --no-deps -w "$WORK/wheel" "$WORK/source" ./runtime >/dev/null
 WHEEL=$(ls "$WORK"/wheel/nxtrec-*.whl)
 RUNTIME_WHEEL=$(ls "$WORK"/wheel/nxtrec_runtime-*.whl)
 echo "torch<0" >"$WORK/no-torch.txt"  # a constraint no torch meets: a torch requirement fails

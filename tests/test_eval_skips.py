@@ -26,10 +26,10 @@ def test_eval_reports_skipped_samples_and_fails_above_the_limit(tiny_model_dir, 
     out = tmp_path / "results" / "run.json"
     args = ["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "val"), "--top-k", "5", "--out", str(out),
             "--batch-size", "2", "--workers", "0"]
-    assert main(args) == 1  # 1 of 6 skipped > the default 1%
+    assert main(args) == 1  # 1 of 6 skipped > the default 0 (no loss goes unnoticed)
     captured = capsys.readouterr()
     assert "skipped 1 of 6 samples (16.7%: corrupt image 1)" in captured.out
-    assert "more than --max-skipped 0.01" in captured.err and "Traceback" not in captured.err
+    assert "more than --max-skipped 0;" in captured.err and "Traceback" not in captured.err
     summary = json.loads(out.read_text())
     assert summary["skipped"] == {"corrupt image": 1} and summary["results"][0]["n_images"] == 5
     assert main([*args, "--max-skipped", "0.2"]) == 0

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nxtrec.errors import NxtrecError
 from nxtrec.model.image import (
     ImageError,
     center_crop,
@@ -114,7 +115,7 @@ def test_pixel_budget_is_read_from_the_header_and_configurable(tmp_path, monkeyp
         load_image(path)
     assert load_image(path, max_pixels=6_000_000).size == (3000, 2000)
     monkeypatch.setenv("NXTREC_MAX_IMAGE_PIXELS", "lots")
-    with pytest.raises(ImageError, match="NXTREC_MAX_IMAGE_PIXELS"):
+    with pytest.raises(NxtrecError, match="NXTREC_MAX_IMAGE_PIXELS"):
         load_image(path)
     assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global limit is never touched
 
@@ -164,3 +165,63 @@ def test_special_files_and_arguments_get_one_line_reasons(tmp_path):
     listed = list_images([tmp_path])
     assert {str(fifo), str(loop), str(broken)} <= set(listed)
     assert list_images(["https://example.com/cat.jpg"]) == ["https://example.com/cat.jpg"]
+
+
+def test_decode_budget_counts_bytes_from_the_header(tmp_path, monkeypatch):
+    """A pixel costs the bytes of its decoded mode in Pillow (1 for L, 2 for I;16, 4 for F,
+    RGB, RGBA) plus 4 for the RGB result: a float image is refused where an 8-bit grey one
+    of the same size passes, from its header, before any pixel is decoded."""
+    from PIL import ImageFile
+
+    from nxtrec.model.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_bytes
+
+    floats, grey = tmp_path / "float.tif", tmp_path / "grey.png"
+    Image.new("F", (100, 100), 1000.0).save(floats, compression="tiff_adobe_deflate")  # 100*100*(4+4) = 80 kB
+    Image.new("L", (100, 100), 7).save(grey)  # 100*100*(1+4) = 50 kB
+    assert decode_bytes("F", 100, 100) == 80_000 and decode_bytes("L", 100, 100) == 50_000
+    assert decode_bytes("I;16", 10, 10) == 600 and decode_bytes("RGB", 10, 10) == 800
+    # every 8-bit image within the pixel budget fits the default byte budget (8 bytes a pixel at most)
+    assert decode_bytes("RGBA", MAX_IMAGE_PIXELS, 1) == decode_bytes("CMYK", MAX_IMAGE_PIXELS, 1) == MAX_IMAGE_BYTES
+    assert load_image(grey, max_bytes=60_000).size == (100, 100)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded before the check"))
+    with pytest.raises(ImageError) as e:
+        load_image(floats, max_bytes=60_000)
+    assert str(e.value) == (f"{floats}: image too large to decode (100x100 F = 0.1 MB at 8 bytes a pixel; "
+                            "the limit is 0.06 MB, set NXTREC_MAX_IMAGE_BYTES to change it)")
+    monkeypatch.setenv("NXTREC_MAX_IMAGE_BYTES", "60_000")
+    with pytest.raises(ImageError, match="too large to decode"):
+        load_image(floats.read_bytes())
+    monkeypatch.undo()
+    assert np.asarray(load_image(floats))[0, 0, 0] == 4  # 1000 of 65535 -> 3.9, rescaled
+    for bad in ("abc", "0", "-5", "1.5"):
+        monkeypatch.setenv("NXTREC_MAX_IMAGE_BYTES", bad)
+        with pytest.raises(NxtrecError) as e:
+            load_image(grey)
+        assert not isinstance(e.value, ImageError)  # the command's usage error, not a failed image
+        assert str(e.value).startswith(f"NXTREC_MAX_IMAGE_BYTES={bad!r}: expected a positive whole number of bytes")
+
+
+@pytest.mark.parametrize("mode", ["F", "I", "I;16"])
+def test_high_depth_images_are_converted_without_a_whole_image_copy(mode, tmp_path, monkeypatch):
+    """numpy's allocations (traced) while a high bit-depth image becomes RGB: the 8-bit
+    result and one block of rows, never a copy of the whole image at its own depth."""
+    import tracemalloc
+
+    import nxtrec.model.image as image
+
+    monkeypatch.setattr(image, "_CHUNK_PIXELS", 1 << 16, raising=False)
+    w, h = 2000, 1500
+    values = (np.arange(w * h, dtype=np.int64).reshape(h, w) % 60000)
+    src = Image.fromarray(values.astype({"F": np.float32, "I": np.int32, "I;16": np.uint16}[mode]))
+    assert src.mode == mode
+    path = tmp_path / "deep.tif"
+    src.save(path)
+    tracemalloc.start()
+    try:
+        out = load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = np.clip(values / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(out)[..., 1], expected)
+    assert peak < 1.75 * w * h, f"{peak / 1e6:.1f} MB traced for a {w * h / 1e6:.1f} Mpx {mode} image"

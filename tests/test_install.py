@@ -109,6 +109,7 @@ def test_install_hints_of_the_runtime_distribution():
     assert hint("PIL") == "pip install pillow"
     assert hint("fastapi", "serve") == hint("starlette", "serve") == "pip install 'nxtrec-runtime[serve]'"
     assert hint("torch", "predict") == "pip uninstall -y nxtrec-runtime && pip install nxtrec"
+    assert hint("torch", "train") == "pip uninstall -y nxtrec-runtime && pip install 'nxtrec[train]'"
     assert hint("safetensors") == "pip uninstall -y nxtrec-runtime && pip install nxtrec"
     assert hint("onnxscript", "export-onnx") == "pip uninstall -y nxtrec-runtime && pip install 'nxtrec[onnx]'"
     assert hint("spacy", "pack") == "pip uninstall -y nxtrec-runtime && pip install 'nxtrec[data]'"

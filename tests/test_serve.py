@@ -760,3 +760,41 @@ def test_page_switches_heat_maps_off_without_maps(tmp_path):
         finally:
             driver.quit()
 
+
+
+def test_upload_bytes_in_flight_beyond_the_limit_get_503(scenes):
+    """--max-inflight-mb bounds the bodies being received, decoded or waiting together: one
+    more big body is refused with 503 + Retry-After (from Content-Length, or while a streamed
+    body arrives), never queued; a small one still fits; a request alone always fits."""
+    release = threading.Event()
+    app = create_app(blocking_engine(release), ServeConfig(max_batch=1, max_wait_ms=0, max_inflight_mb=1.0, timeout_s=10))
+    noise = np.random.default_rng(0).integers(0, 256, (400, 500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG", compress_level=0)
+    big = buf.getvalue()  # 0.6 MB: two do not fit in 1 MB
+    assert 0.5e6 < len(big) < 0.9e6 and len(scenes[0]) < 0.3e6
+
+    async def chunks():
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    async def main():
+        async with serving(app) as client:
+            first = asyncio.ensure_future(client.post("/v1/tag", content=big, headers={"Content-Type": "image/png"}))
+            while "nxtrec_batch_size_count 1" not in (await client.get("/metrics")).text:
+                await asyncio.sleep(0.01)  # its body is held while the model (blocked) works
+            refused = await client.post("/v1/tag", content=big, headers={"Content-Type": "image/png"})
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            assert "--max-inflight-mb" in refused.json()["detail"]
+            streamed = await client.post("/v1/tag", content=chunks(), headers={"Content-Type": "image/png"})
+            assert "content-length" not in streamed.request.headers
+            assert streamed.status_code == 503 and streamed.headers["Retry-After"] == "1"
+            small = asyncio.ensure_future(client.post("/v1/tag", content=scenes[0], headers={"Content-Type": "image/jpeg"}))
+            while "nxtrec_queue_depth 1" not in (await client.get("/metrics")).text:
+                await asyncio.sleep(0.01)  # the small one fitted beside the first and waits its turn
+            release.set()
+            assert [(await t).status_code for t in (first, small)] == [200, 200]
+            alone = await client.post("/v1/tag", content=big + big, headers={"Content-Type": "image/png"})
+            assert alone.status_code == 200  # 1.2 MB over the 1 MB limit, but nothing else in flight
+
+    run(main())

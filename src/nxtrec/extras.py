@@ -122,9 +122,11 @@ def _runtime_hint(module: str, command: str | None) -> str:
     for extra, modules in RUNTIME_EXTRAS.items():
         if module in modules:
             return f"pip install '{RUNTIME_DISTRIBUTION}[{extra}]'"
-    # PyTorch or an extra of the full distribution: switch to it (the two share their files)
-    extras = MODULE_EXTRAS.get(module)
-    extra = COMMAND_EXTRAS.get(command) if extras and COMMAND_EXTRAS.get(command) in extras else (extras or [None])[0]
+    # PyTorch or an extra of the full distribution: switch to it (the two share their files),
+    # with the command's own extra (export-onnx: PyTorch is missing first, onnx next)
+    extras = MODULE_EXTRAS.get(module, ())
+    command_extra = COMMAND_EXTRAS.get(command)
+    extra = command_extra if command_extra and (not extras or command_extra in extras) else next(iter(extras), None)
     target = f"'nxtrec[{extra}]'" if extra else "nxtrec"
     return f"pip uninstall -y {RUNTIME_DISTRIBUTION} && pip install {target}"
 

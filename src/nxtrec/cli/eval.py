@@ -10,8 +10,9 @@ from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import device, existing_dir, fraction, non_negative_int, positive_int
 from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
 
-# Samples eval may skip (corrupt image, unreadable shard...) before its exit code says so.
-DEFAULT_MAX_SKIPPED = 0.01
+# Samples eval may skip (corrupt image, unreadable shard...) before its exit code says so:
+# none by default, so that a lost sample never goes unnoticed.
+DEFAULT_MAX_SKIPPED = 0.0
 
 
 def register(sub) -> None:
@@ -54,24 +55,34 @@ def run_eval(args) -> int:
             return load_engine(args.model, args.onnx, device=device, dtype=args.dtype)
 
     skipped: dict[str, int] = {}
+    damaged: list[dict] = []
     summaries = evaluate(args.onnx or args.model, args.data, args.top_k, args.ranking, args.embedder, args.out, args.registry,
                          args.batch_size, args.device, args.dtype, args.limit, args.workers,
                          clip_file=args.clip_file, clip_vocab=args.clip_vocab, max_tokens=args.metric_max_tokens,
-                         predict_kwargs=vocab_kwargs(args), skipped=skipped, load=load)
+                         predict_kwargs=vocab_kwargs(args), skipped=skipped, load=load, damaged=damaged)
     if summaries is None:
         return 0  # not the main rank
     print(format_table(summaries))
-    return report_skipped(skipped, next(iter(summaries.values())).n_images, args.max_skipped)
+    return report_skipped(skipped, next(iter(summaries.values())).n_images, args.max_skipped, damaged)
 
 
-def report_skipped(skipped: dict[str, int], evaluated: int, max_fraction: float) -> int:
-    """A line under the table with the skipped samples by reason (when any); exit code 1 above
-    `max_fraction`."""
+def report_skipped(skipped: dict[str, int], evaluated: int, max_fraction: float, damaged: list[dict] = ()) -> int:
+    """A line under the table with the skipped samples by reason (when any) and one with the
+    damaged shards (when any); exit code 1 above `max_fraction`, or when a damaged shard lost
+    an unknown number of samples."""
     total = sum(skipped.values())
     fraction = total / max(total + evaluated, 1)
     if total:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
         print(f"skipped {total} of {total + evaluated} samples ({fraction:.1%}: {reasons})")
+    if damaged:
+        shards = ", ".join(f"{d['shard']} ({d['damage']}; " + ("samples lost: unknown" if d["lost"] is None
+                           else f"{d['lost']} samples lost") + ")" for d in damaged)
+        print(f"{len(damaged)} damaged shard{'s' if len(damaged) > 1 else ''}: {shards}")
+    if any(d["lost"] is None for d in damaged) and fraction <= max_fraction:
+        print("nxtrec eval: damaged shards lost samples (how many is unknown: no manifest); the scores above leave "
+              "them out", file=sys.stderr)
+        return 1
     if fraction > max_fraction:
         print(f"nxtrec eval: {fraction:.1%} of the samples were skipped, more than --max-skipped {max_fraction:g}; "
               "the scores above leave them out", file=sys.stderr)

@@ -56,13 +56,27 @@ def register(sub) -> None:
 
 
 def print_result(path: str, labels: list[dict], as_json: bool) -> None:
+    """One image's labels: a JSON line, or the path then one `  PROB  LABEL` line per label,
+    where control characters (a newline in a label, ...) are escaped as `\\n`, `\\x1b`, ...
+    so that every label stays on its line (JSON keeps the strings as they are)."""
     if as_json:
         print(json.dumps({"image": path, "labels": labels}, ensure_ascii=False))
     else:
-        print(path)
+        print(_one_line(path))
         for item in labels:
-            print(f"  {item['prob']:.5f}  {item['label']}")
+            print(f"  {item['prob']:.5f}  {_one_line(item['label'])}")
     sys.stdout.flush()
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters (C0, DEL, C1, line and paragraph separators)
+    escaped as Python writes them; other characters, backslashes included (Windows paths),
+    stay as they are."""
+    import unicodedata
+
+    if text.isprintable():
+        return text
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
 
 
 def decode_options(args):

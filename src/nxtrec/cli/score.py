@@ -12,6 +12,7 @@ def register(sub) -> None:
     s.add_argument("predictions", type=existing_file, help="JSONL: {\"image\": ID, \"labels\": [...] or [{\"label\", \"prob\"}...], \"gt\": [...]}")
     s.add_argument("--gt", type=existing_file, help="JSONL of {\"image\": ID, \"gt\": [...]} when the predictions file has no gt")
     s.add_argument("--top-k", type=positive_int, nargs="+", default=[10], help="one or more k: score the first k labels")
+    s.add_argument("--out", help="summary JSON: the scores per k and the ground-truth ids without a prediction")
     add_embedder_arguments(s)
     s.set_defaults(func=run_score)
 
@@ -96,10 +97,34 @@ def load_prediction_records(path: str, gt_path: str | None = None) -> list[dict]
     return records
 
 
+def missing_predictions(records: list[dict], gt_path: str | None) -> tuple[list[str], int]:
+    """The ids of `gt_path` that no prediction record has (their images are not scored), and
+    how many ids `gt_path` holds."""
+    if not gt_path:
+        return [], 0
+    predicted, gt = {r["image"] for r in records}, _read_gt(gt_path)
+    return [image for image in gt if image not in predicted], len(gt)
+
+
 def run_score(args) -> int:
+    import json
+    import sys
+
     from nxtrec.evaluation.evaluate import format_table, score
 
     records = load_prediction_records(args.predictions, args.gt)
-    print(format_table(score(records, sorted(args.top_k), args.embedder, "cpu", args.clip_file, args.clip_vocab,
-                             args.metric_max_tokens)))
+    missing, n_gt = missing_predictions(records, args.gt)
+    summaries = score(records, sorted(args.top_k), args.embedder, "cpu", args.clip_file, args.clip_vocab,
+                      args.metric_max_tokens)
+    print(format_table(summaries))
+    if args.out:
+        summary = {"predictions": args.predictions, "gt": args.gt, "results": [s.row() for s in summaries.values()],
+                   "missing_predictions": len(missing), "missing_ids": missing}
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        print(f"nxtrec score: {len(missing)} of {n_gt} ground-truth images have no prediction in "
+              f"{args.predictions} ({shown}); the scores leave them out", file=sys.stderr)
+        return 1
     return 0

@@ -77,10 +77,14 @@ def run(args) -> int:
 
         options.validate()
         return run_ranks(args.argv, options.processes)
+    if "WORLD_SIZE" in os.environ:  # a rank: end with `nxtrec tag --processes` when it is killed
+        from nxtrec.tagging.launch import watch_launcher
+
+        watch_launcher()
     if os.environ.get("RANK", "0") == "0":  # once, from the process that reports
         demo_notice(options.model, options.onnx, args.quiet)
     summary = run_tag(options, lambda: loading("tag", options.model, options.onnx, args.quiet))
     if summary.counts:  # rank 0
         print(f"nxtrec tag: {summary.line()}", file=sys.stderr)
-        return 1 if summary.counts["failed"] else 0
+        return 1 if summary.counts["failed"] or summary.counts.get("shard_errors") else 0
     return 0

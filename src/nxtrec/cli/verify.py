@@ -1,12 +1,13 @@
 """`nxtrec verify DIR...`: check model, ONNX and checkpoint directories before they are used.
 
 - model directory (`config.json`): every config value, the tokenizer, every tensor's name and
-  shape (read from the safetensors header; a truncated file fails); an int8 one (`nxtrec
+  shape (read from the safetensors header; a truncated file fails), every tensor a float type
+  and finite (no NaN, no infinity; read one tensor at a time); an int8 one (`nxtrec
   quantize`) also every tensor's dtype and every scale and zero point;
 - ONNX export (`nxtrec-onnx.json`): every file's size and SHA-256 against the manifest, and
   the embedding table;
 - training checkpoint (`ckpt-STEP/`) or run directory (`checkpoints/`): each checkpoint's
-  tensors and state are read.
+  tensors and state are read, its tensors float and finite.
 
 Exit code 0 when all are good, 1 when one is not (each named on stderr with its reason).
 """
@@ -39,15 +40,17 @@ def verify_dir(path: Path) -> str:
         from nxtrec.model.directory import verify_model_dir
 
         return f"model directory: {verify_model_dir(path)}"
+    from nxtrec.model.files import check_weights
     from nxtrec.training.checkpoint import STATE_FILE, checkpoint_dirs, read_checkpoint
 
     if (path / STATE_FILE).exists():
         tensors, state = read_checkpoint(path)
-        return f"checkpoint: {len(tensors)} tensors, step {state.get('step', '?')}"
+        dtypes = check_weights(tensors, str(path))
+        return f"checkpoint: {len(tensors)} tensors ({dtypes}, all finite), step {state.get('step', '?')}"
     ckpts = checkpoint_dirs(path)
     if ckpts:
         for _, ckpt in ckpts:
-            read_checkpoint(ckpt)
+            check_weights(read_checkpoint(ckpt)[0], str(ckpt))
         return f"run directory: {len(ckpts)} checkpoints readable (steps {', '.join(str(s) for s, _ in ckpts)})"
     raise NxtrecError(f"{path}: not a model directory, ONNX export, checkpoint or run directory")
 

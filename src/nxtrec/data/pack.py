@@ -12,6 +12,7 @@ manifest lists. Byte-identical shards come out of identical inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -153,7 +154,7 @@ def pack_shard(task: ShardTask, on_record: Callable[[], None] = lambda: None) ->
     path = Path(task.out) / task.name
     tmp = Path(str(path) + ".tmp")
     written = 0
-    with removed_on_error(tmp), open(tmp, "wb") as f:
+    with removed_on_error(tmp, lambda: _input_bytes(task.records)), open(tmp, "wb") as f:
         with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as writer:
             for record, caption, record_labels in zip(task.records, captions, labels):
                 reason = None
@@ -181,6 +182,24 @@ def pack_shard(task: ShardTask, on_record: Callable[[], None] = lambda: None) ->
         os.fsync(f.fileno())
         os.replace(tmp, path)
     return ShardResult(task.name, written, path.stat().st_size, skipped, examples)
+
+
+def _input_bytes(records) -> int:
+    """About the size of a shard of `records`: their image files."""
+    total = 0
+    for r in records:
+        with contextlib.suppress(OSError, TypeError):
+            total += os.path.getsize(r.image)
+    return total
+
+
+def remove_partial_shards(out: Path) -> None:
+    """Delete the `*.tar.tmp` files of an interrupted pack (the caller holds the folder lock,
+    so they are all its own): a worker stopped by the pool (another worker failed) leaves
+    its partial shard behind."""
+    for tmp in Path(out).glob("*.tar.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 _worker_counter = None  # records done, shared with the parent for the progress bar
@@ -307,16 +326,22 @@ def _pack_locked(records, out: Path, kind: str, split: str, opts: PackOptions, w
     done_records = len(records) - sum(len(t.records) for t in todo)
     with tqdm(total=len(records), initial=done_records, unit="sample", desc=f"pack {kind}",
               disable=None if progress else True, dynamic_ncols=True) as bar:  # fmt: skip
-        for result in run_tasks(todo, pack_shard, workers, bar):
-            manifest["shards"][result.name] = {
-                "samples": result.samples,
-                "bytes": result.bytes,
-                "labels": wanted["labels"]["setting"],
-                "skipped": dict(result.skipped),
-            }
-            write_json_atomic(out / MANIFEST_NAME, manifest)
-            summary.add(result)
-            bar.set_postfix(skipped=sum(summary.skipped.values()), refresh=False)
+        results = run_tasks(todo, pack_shard, workers, bar)
+        try:
+            with contextlib.closing(results):  # stops the worker pool before the clean-up below
+                for result in results:
+                    manifest["shards"][result.name] = {
+                        "samples": result.samples,
+                        "bytes": result.bytes,
+                        "labels": wanted["labels"]["setting"],
+                        "skipped": dict(result.skipped),
+                    }
+                    write_json_atomic(out / MANIFEST_NAME, manifest)
+                    summary.add(result)
+                    bar.set_postfix(skipped=sum(summary.skipped.values()), refresh=False)
+        except BaseException:
+            remove_partial_shards(out)
+            raise
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST_NAME, manifest)
     summary.seconds = time.monotonic() - start

@@ -19,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import braceexpand
 
@@ -163,6 +163,7 @@ class Shard:
     samples: int
     labelled: int  # samples whose json has a "labels" field
     damage: str = ""  # what is wrong with the file ("" when it reads to its end)
+    lost: Optional[int] = None  # a damaged shard's samples that cannot be read, when its manifest says how many
 
 
 def count_shard(path: Union[str, Path]) -> tuple[int, int, str]:
@@ -209,10 +210,13 @@ def shard_lengths(paths: Sequence[str]) -> list[Shard]:
                     "damage": damage,
                 }  # fmt: skip
                 changed = True
+            lost = None
             if cached.get("damage"):  # said every time, not only when first counted
+                # The manifest knows how many samples the shard held when it was written.
+                lost = max(0, int(entry["samples"]) - cached["samples"]) if entry is not None else None
                 warnings.warn(f"{p}: damaged shard ({cached['damage']}); its {cached['samples']} readable samples "
-                              "are used", stacklevel=2)
-            known[p] = Shard(p, cached["samples"], cached["labelled"], cached.get("damage", ""))
+                              "are used" + (f", {lost} lost" if lost is not None else ""), stacklevel=2)
+            known[p] = Shard(p, cached["samples"], cached["labelled"], cached.get("damage", ""), lost)
         if changed:
             try:
                 write_json_atomic(cache_path, {"shards": cache})

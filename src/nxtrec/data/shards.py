@@ -10,9 +10,9 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-from nxtrec.errors import NxtrecError
+from nxtrec.errors import NxtrecError, disk_full_error, is_disk_full
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".nxtrec.lock"
@@ -42,15 +42,23 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def removed_on_error(tmp: Path):
+def removed_on_error(tmp: Path, needed: Optional[Callable[[], int]] = None):
     """Delete the temporary file `tmp` when writing it fails; an OSError (disk full,
-    read-only, permission) becomes one line naming the file."""
+    read-only, permission) becomes one line naming the file, and a full disk also says the
+    space the file needed (`needed()`, default: what was written of it) and how much is free."""
     try:
         yield
     except BaseException as e:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = tmp.stat().st_size
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and is_disk_full(e) and not isinstance(e, NxtrecError):
+            reason = e.strerror or str(e)
+            raise disk_full_error(tmp, max(written, needed() if needed else 0),
+                                  f"{reason} while writing; the partial file {tmp.name} was removed") from None
+        if isinstance(e, OSError) and not isinstance(e, NxtrecError):
             reason = e.strerror or str(e)
             raise NxtrecError(f"{e.filename or tmp}: {reason} (while writing; the partial file {tmp.name} was removed)") from None
         raise

@@ -60,6 +60,22 @@ def gather_counts(counts: dict[str, int], ranks: RankInfo | None = None) -> dict
     return total
 
 
+def damaged_shards(loader) -> list[dict]:
+    """The loader's damaged shards: {"shard", "damage", "lost"} each, `lost` the samples it
+    could not deliver when its manifest says how many it held (None when unknown)."""
+    return [{"shard": s.path, "damage": s.damage, "lost": s.lost}
+            for shards, _ in loader.dataset.groups for s in shards if s.damage]
+
+
+def add_shard_losses(skipped: dict[str, int], damaged: list[dict]) -> dict[str, int]:
+    """`skipped` with the known losses of damaged shards added as "unreadable shard"."""
+    lost = sum(d["lost"] or 0 for d in damaged)
+    out = dict(skipped)
+    if lost:
+        out["unreadable shard"] = out.get("unreadable shard", 0) + lost
+    return out
+
+
 def label_strings(record: dict) -> list[str]:
     return [p["label"] if isinstance(p, dict) else p for p in record["pred"]]
 
@@ -107,14 +123,16 @@ def write_outputs(records, summaries: dict[int, Summary], out: Path, info: dict)
 def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None, registry=None, batch_size=16,
              device="cpu", dtype="float32", limit=None, num_workers=1, progress=True, clip_file=None,
              clip_vocab=None, max_tokens=MAX_TOKENS, predict_kwargs=None,
-             skipped: dict | None = None, load: Callable[[str], Engine] | None = None) -> dict[int, Summary] | None:
+             skipped: dict | None = None, load: Callable[[str], Engine] | None = None,
+             damaged: list | None = None) -> dict[int, Summary] | None:
     """Predict and score; returns the summaries on rank 0 (None on other ranks). The CLIP
     embedder needs `clip_file` and `clip_vocab` (see model.embedders.CLIPEmbedder); `max_tokens` is
     MiniLM's word-piece limit; `predict_kwargs` are more `DecodeOptions` (vocab, map_to,
     compat, ...). `load(device)` gives the engine on this rank's device (default: the PyTorch
     model directory `model`; `nxtrec eval` passes `nxtrec.engines.load_engine`). Samples
     the loader skipped (all ranks) are counted by reason into the `skipped` dict, when given,
-    and into the summary JSON."""
+    and into the summary JSON, with the samples lost in damaged shards (when their manifest
+    says how many) as "unreadable shard"; the damaged shards go into the `damaged` list."""
     from nxtrec.data.loader import build_loader
     from nxtrec.inference.recognizer import Recognizer
 
@@ -132,9 +150,12 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
                               num_workers=num_workers, balance="exact")
         with torch.inference_mode():
             records = predict_records(engine, loader, options, limit, progress)
-        skipped_here = gather_counts(loader.skipped, ranks)
+        broken = damaged_shards(loader)  # the same on every rank: counted once
+        skipped_here = add_shard_losses(gather_counts(loader.skipped, ranks), broken)
         if skipped is not None:
             skipped.update(skipped_here)
+        if damaged is not None:
+            damaged.extend(broken)
         records = gather_records(records, ranks)
     finally:
         ranks.close()
@@ -143,6 +164,7 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
     summaries = score(records, sorted(k_values), embedder, "cpu", clip_file, clip_vocab, max_tokens)
     info = {"model": str(model or "bundled default model"), "data": str(data), "sampler": "one-shot", "ranking": ranking, "embedder": embedder,
             "seconds": time.perf_counter() - start, "metric_max_tokens": max_tokens, "skipped": skipped_here,
+            "damaged_shards": broken,
             **{key: str(getattr(value, "source", value)) for key, value in (predict_kwargs or {}).items()}}
     if out:
         write_outputs(records, summaries, out, info)

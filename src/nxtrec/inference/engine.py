@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nxtrec.errors import NxtrecError
+from nxtrec.errors import ArgumentError, NxtrecError
 from nxtrec.inference.compat import as_reference, check_compat, rank_ppl_as_reference
 from nxtrec.inference.label_rules import rules_for
 from nxtrec.inference.mapping import DEFAULT_MAP_THRESHOLD, mapper_for
@@ -100,8 +100,8 @@ class DecodeOptions:
 
     def check(self, capabilities: Capabilities) -> None:
         """Every rule about options that do not go together, or that an engine lacks."""
-        if self.top_k < 1 or self.extra_k < 0:
-            raise NxtrecError(f"top_k must be >= 1 and extra_k >= 0 (got {self.top_k}, {self.extra_k})")
+        check_count("top_k", self.top_k, 1)
+        check_count("extra_k", self.extra_k, 0)
         if not 0.0 <= self.min_prob <= 1.0:
             raise NxtrecError(f"min_prob must be in [0, 1] (got {self.min_prob})")
         rules_for(self.exclude, self.replace)  # a bad rule file fails here, once (cached)
@@ -141,8 +141,18 @@ def check_top_k(options: DecodeOptions, vocab_size: int) -> None:
                           f"{vocab_size} tokens; use --top-k {vocab_size} or less")
 
 
+def check_count(name: str, value, least: int) -> None:
+    """`value` an integer >= `least`, else an `ArgumentError` (a ValueError; exit 2 on the
+    command line) naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ArgumentError(f"{name} must be an integer >= {least} (got {value!r})")
+
+
 def predict(engine: Engine, images, options: DecodeOptions, batch_size: int = 8) -> list[list[Label]]:
-    """Labels for each image (paths, bytes or PIL images); a bad image raises `ImageError`."""
+    """Labels for each image (paths, bytes or PIL images), one list per image; a bad image
+    raises `ImageError`, a bad argument (top_k < 1, batch_size < 1) a ValueError."""
+    check_count("batch_size", batch_size, 1)
+    options.check(engine.capabilities)
     if not isinstance(images, (list, tuple)):
         images = [images]
     out: list[list[Label]] = []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from nxtrec.errors import disk_full_error, is_disk_full
 from nxtrec.model.config import EncoderConfig, ModelConfig, llama_hidden_dim
 from nxtrec.model.files import (  # noqa: F401 - the directory's names, imported from here too
     CONFIG_FILE,
@@ -18,6 +19,7 @@ from nxtrec.model.files import (  # noqa: F401 - the directory's names, imported
     WEIGHTS_FILE,
     CheckpointError,
     check_state_dict,
+    check_weights,
 )
 from nxtrec.model.network import NxtpModel
 from nxtrec.model.tokenizer import Tokenizer
@@ -76,6 +78,7 @@ def load_model_dir(path: str | Path, device="cpu", dtype: str | torch.dtype = "f
         raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot read safetensors file ({e})") from None
     model = build_model(config, device, dtype, empty=True)
     check_state_dict(model.state_dict(), state, str(path / WEIGHTS_FILE))
+    check_weights(state, str(path / WEIGHTS_FILE))
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval(), tokenizer
 
@@ -107,7 +110,10 @@ def verify_model_dir(path: str | Path) -> str:
     with torch.device("meta"):
         expected = NxtpModel(config).state_dict()
     check_state_dict(expected, shapes, str(weights))
-    return f"{len(shapes)} tensors, {sum(t.numel() for t in shapes.values()) / 1e6:.1f}M parameters"
+    with safe_open(str(weights), framework="pt") as f:  # memory-mapped: one tensor at a time
+        dtypes = check_weights(((k, f.get_tensor(k)) for k in f.keys()), str(weights))  # noqa: SIM118
+    return (f"{len(shapes)} tensors, {sum(t.numel() for t in shapes.values()) / 1e6:.1f}M parameters, "
+            f"{dtypes}, all finite")
 
 
 def save_model_dir(model: NxtpModel, tokenizer_file: str | Path, out: str | Path) -> Path:
@@ -123,16 +129,22 @@ def save_model_dir(model: NxtpModel, tokenizer_file: str | Path, out: str | Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.config.save(tmp / CONFIG_FILE)
         if model.config.quantization is not None:
             from nxtrec.model.quantized import quantized_state
 
             state = quantized_state(model)
         else:
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        _replace_dir(tmp, out)
+        try:
+            model.config.save(tmp / CONFIG_FILE)
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            _replace_dir(tmp, out)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            needed = sum(t.numel() * t.element_size() for t in state.values()) + os.path.getsize(tokenizer_file)
+            raise disk_full_error(out, needed) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -34,6 +34,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # `PIL.Image.MAX_IMAGE_PIXELS` too.
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "NXTREC_MAX_IMAGE_PIXELS"
+# The decode budget in bytes, also checked from the header: width x height x (the bytes a
+# pixel of the decoded mode takes in Pillow's memory + 4 for one RGB-sized copy: the RGB
+# result, or the copy an EXIF rotation makes). Pillow stores "1", "L" and "P" in 1 byte a
+# pixel, "I;16*" in 2 and every other mode (RGB, RGBA, LA, CMYK, I, F, ...) in 4, so a
+# pixel costs 5 to 8 bytes; high bit-depth modes go to 8 bits in blocks of
+# `_CHUNK_PIXELS`, which costs no more. The default, 64 Mpx x 8 bytes, lets every image
+# within the pixel budget through: it bounds memory when the pixel budget is raised, and
+# can be lowered ($NXTREC_MAX_IMAGE_BYTES, or `load_image(..., max_bytes=N)`).
+MAX_IMAGE_BYTES = 8 * MAX_IMAGE_PIXELS
+MAX_BYTES_ENV = "NXTREC_MAX_IMAGE_BYTES"
 # EXIF orientation (phone photos are stored rotated) is applied unless this is "0"; the
 # reference pipeline ignored it, so set it to 0 to reproduce published numbers exactly on
 # datasets whose images carry orientation tags. An environment variable reaches every
@@ -48,7 +58,8 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FILE_KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
                stat.S_ISSOCK: "a socket"}
-_ROWS_PER_CHUNK = 1024  # rows converted at a time from high bit-depth modes (bounded temporaries)
+_CHUNK_PIXELS = 1 << 20  # pixels converted at a time from high bit-depth modes (bounded temporaries)
+_RGB_BYTES = 4  # Pillow keeps RGB in 4 bytes a pixel
 # 16-bit grey -> 8 bits, rounded; a table lookup avoids any float copy of the whole image.
 _U16_TO_U8 = np.clip(np.arange(65536, dtype=np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
@@ -57,8 +68,14 @@ class ImageError(NxtrecError, ValueError):
     """An image that cannot be used; the message is one line naming the file."""
 
 
+class PixelBudgetError(NxtrecError):
+    """A bad $NXTREC_MAX_IMAGE_PIXELS: a usage error of the whole command (exit code 2), not
+    an ImageError, so that no per-image loop records it as a failed image."""
+
+
 def max_image_pixels() -> int:
-    """The pixel budget in force: $NXTREC_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`."""
+    """The pixel budget in force: $NXTREC_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`; a value
+    that is not a positive whole number raises PixelBudgetError (one line)."""
     value = os.environ.get(MAX_PIXELS_ENV, "").strip()
     if not value:
         return MAX_IMAGE_PIXELS
@@ -67,35 +84,94 @@ def max_image_pixels() -> int:
     except ValueError:
         budget = 0
     if budget <= 0:
-        raise ImageError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive number of pixels")
+        raise PixelBudgetError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive whole number of pixels "
+                               f"(e.g. {MAX_IMAGE_PIXELS}); correct or unset it")
     return budget
+
+
+def max_image_bytes() -> int:
+    """The decode budget in bytes: $NXTREC_MAX_IMAGE_BYTES, else `MAX_IMAGE_BYTES`; a value
+    that is not a positive whole number raises PixelBudgetError (one line), as a bad
+    $NXTREC_MAX_IMAGE_PIXELS does."""
+    value = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not value:
+        return MAX_IMAGE_BYTES
+    try:
+        budget = int(value.replace("_", ""))
+    except ValueError:
+        budget = 0
+    if budget <= 0:
+        raise PixelBudgetError(f"{MAX_BYTES_ENV}={value!r}: expected a positive whole number of bytes "
+                               f"(e.g. {MAX_IMAGE_BYTES}); correct or unset it")
+    return budget
+
+
+def bytes_per_pixel(mode: str) -> int:
+    """The bytes a pixel of `mode` takes in Pillow's memory."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """What decoding an image of this header to RGB may hold at once (see MAX_IMAGE_BYTES)."""
+    return width * height * (bytes_per_pixel(mode) + _RGB_BYTES)
 
 
 def exif_orientation_enabled() -> bool:
     return os.environ.get(EXIF_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _is_high_depth(img: Image.Image) -> bool:
+    return img.mode.startswith("I;16") or img.mode in ("I", "F")
+
+
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """16-bit or 32-bit grey -> 8-bit grey, rescaled instead of clipped at 255."""
-    if img.mode.startswith("I;16"):
-        return Image.fromarray(_U16_TO_U8[np.asarray(img)], mode="L")
-    arr = np.asarray(img)  # mode I (int32) or F (float32)
-    peak = 65535.0 if arr.max() > 255 else 255.0
-    out = np.empty(arr.shape, dtype=np.uint8)
-    for top in range(0, arr.shape[0], _ROWS_PER_CHUNK):
-        rows = arr[top : top + _ROWS_PER_CHUNK].astype(np.float64)
-        out[top : top + _ROWS_PER_CHUNK] = np.clip(rows / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(out, mode="L")
+    """16-bit or 32-bit grey -> 8-bit grey, rescaled instead of clipped at 255. Converted in
+    blocks of rows (`_CHUNK_PIXELS`): no copy of the whole image besides the 1-byte result."""
+    width, height = img.size
+    if not img.mode.startswith("I;16"):  # mode I (int32) or F (float32)
+        # NaN and infinities are not ordered: Pillow's extrema skip nothing, so only a real
+        # value above 255 selects the 16-bit scale (as `arr.max() > 255` did)
+        peak = 65535.0 if img.getextrema()[1] > 255 else 255.0
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        block = np.asarray(img.crop((0, top, width, min(height, top + rows))))
+        if img.mode.startswith("I;16"):
+            out[top : top + rows] = _U16_TO_U8[block]
+        else:
+            out[top : top + rows] = np.clip(block.astype(np.float64) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+    if _is_high_depth(img):
         return _high_depth_to_l(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def _decoded_to_rgb(img: Image.Image) -> Image.Image:
+    """`_to_rgb` for an image `load_image` decoded itself: each source is closed (its memory
+    freed) as soon as the next step exists, so at most the decoded image and one 4-byte copy
+    are held at once (`decode_bytes`)."""
+    if _is_high_depth(img):
+        grey = _high_depth_to_l(img)
+        img.close()
+        img = grey
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        # straight to RGB (the colours RGBA would keep; its alpha was dropped anyway): no
+        # RGBA copy held next to the palette image and the RGB result
+        img.info.pop("transparency")
+    rgb = img.convert("RGB")
+    img.close()
+    return rgb
 
 
 def _check_path(name: str) -> None:
@@ -123,14 +199,20 @@ def _check_path(name: str) -> None:
         raise ImageError(f"{name}: empty file (0 bytes), not an image")
 
 
-def _open_within_budget(fp, name: str, budget: int) -> Image.Image:
-    """Read the header, refuse more than `budget` pixels, then decode."""
+def _open_within_budget(fp, name: str, budget: int, byte_budget: int | None = None) -> Image.Image:
+    """Read the header, refuse more than `budget` pixels or `byte_budget` bytes to decode
+    (`decode_bytes`), then decode."""
     img = Image.open(fp)
     w, h = img.size
     if w * h > budget:
         raise _too_large(name, f"{w}x{h} = {w * h / 1e6:.1f} Mpx", budget)
     if w == 0 or h == 0:
         raise ImageError(f"{name}: image has zero size ({w}x{h})")
+    cost = decode_bytes(img.mode, w, h)
+    if byte_budget is not None and cost > byte_budget:
+        raise ImageError(f"{name}: image too large to decode ({w}x{h} {img.mode} = {cost / 1e6:.1f} MB at "
+                         f"{bytes_per_pixel(img.mode) + _RGB_BYTES} bytes a pixel; the limit is {byte_budget / 1e6:g} MB, "
+                         f"set {MAX_BYTES_ENV} to change it)")
     img.load()
     return img
 
@@ -141,14 +223,17 @@ def _too_large(name: str, size: str, budget: int) -> ImageError:
 
 
 def load_image(source: ImageInput, *, max_pixels: int | None = None,
-               exif_orientation: bool | None = None) -> Image.Image:
+               exif_orientation: bool | None = None, max_bytes: int | None = None) -> Image.Image:
     """Open and fully decode an image as RGB, or raise `ImageError` with a one-line reason.
 
-    `max_pixels` defaults to `max_image_pixels()`; `exif_orientation` (rotate as the EXIF
-    tag says) defaults to `exif_orientation_enabled()`."""
+    `max_pixels` defaults to `max_image_pixels()`, `max_bytes` (the decode budget,
+    `decode_bytes`) to `max_image_bytes()`; `exif_orientation` (rotate as the EXIF tag says)
+    defaults to `exif_orientation_enabled()`."""
     if isinstance(source, Image.Image):
+        _check_not_empty(source, "<PIL image>")
         return _to_rgb(source)
     budget = max_image_pixels() if max_pixels is None else max_pixels
+    byte_budget = max_image_bytes() if max_bytes is None else max_bytes
     rotate = exif_orientation_enabled() if exif_orientation is None else exif_orientation
     name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
     if isinstance(source, bytes):
@@ -158,7 +243,7 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None,
         _check_path(name)
     try:
         with io.BytesIO(source) if isinstance(source, bytes) else open(name, "rb") as fp:
-            img = _open_within_budget(fp, name, budget)
+            img = _open_within_budget(fp, name, budget, byte_budget)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -173,7 +258,7 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None,
         raise ImageError(f"{name}: cannot decode image ({e})") from None
     if rotate:
         _apply_exif_orientation(img, name)
-    return _to_rgb(img)
+    return _decoded_to_rgb(img)
 
 
 def _apply_exif_orientation(img: Image.Image, name: str) -> None:
@@ -217,11 +302,18 @@ def _normalised_levels(mean: tuple[float, ...], std: tuple[float, ...]) -> np.nd
     return (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
 
 
+def _check_not_empty(img: Image.Image, name: str) -> None:
+    """A 0xN image has no pixel to resize (it would divide by zero): refused as a bad image."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{name}: image has zero size ({img.width}x{img.height})")
+
+
 def preprocess_array(
     img: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, out: np.ndarray | None = None
 ) -> np.ndarray:
     """RGB PIL image -> float32 array [3, size, size], CLIP-normalised; written into `out`
     when given (a batch loader fills its batch in place)."""
+    _check_not_empty(img, "<PIL image>")
     rgb = np.asarray(center_crop(resize_shorter_side(_to_rgb(img), size), size))
     levels = _normalised_levels(tuple(mean), tuple(std))
     if out is None:

@@ -27,8 +27,8 @@ from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.inference.ranking import keep_labels
 from nxtrec.serving.batcher import Batcher, Job, QueueFull
 from nxtrec.serving.metrics import Metrics
-from nxtrec.serving.middleware import ApiKey, BodyLimit, RequestMetrics
-from nxtrec.serving.uploads import RequestError, decode, read_uploads
+from nxtrec.serving.middleware import ApiKey, BodyLimit, BodyTimeout, RequestMetrics, Shutdown
+from nxtrec.serving.uploads import InflightBytes, RequestError, decode, read_uploads
 
 STATIC = Path(__file__).parent / "static"
 MAX_TOP_K = 100
@@ -59,8 +59,11 @@ class ServeConfig:
     queue: int = 256  # images waiting for the worker
     api_key: str | None = None
     max_upload_mb: float = 20.0  # per request
+    max_inflight_mb: float = 128.0  # request bodies in flight at once, all requests together (503 beyond)
     max_images: int = 32  # per request
     timeout_s: float = 60.0  # per request, from arrival to the last result
+    body_timeout_s: float = 30.0  # the whole request body, from the request head (408 beyond)
+    ready_timeout_s: float = 2.0  # /readyz: each model process must answer a ping within this (503 beyond)
     max_pixels: int | None = None  # None: nxtrec.model.image's budget (as `nxtrec predict`)
     decode_threads: int = 2  # images decoded at once (bounds the memory of large uploads)
     default_top_k: int = 20  # as `nxtrec predict`
@@ -95,7 +98,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None, options: Decod
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_routes(app)
     # The last added is the outermost: metrics see every answer, 401 and 413 included.
+    # InflightBytes is inside BodyLimit: a single body over --max-upload-mb is 413, not 503.
+    app.add_middleware(InflightBytes, max_bytes=int(config.max_inflight_mb * 1024 * 1024))
     app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 1024 * 1024))
+    # app.state.shutdown.begin() (nxtrec serve's signal handler) cuts slow uploads short
+    app.state.shutdown = Shutdown()
+    app.add_middleware(BodyTimeout, timeout_s=config.body_timeout_s, shutdown=app.state.shutdown)
     if config.api_key:
         app.add_middleware(ApiKey, key=config.api_key, public_paths=PUBLIC_PATHS, public_prefixes=("/static/",))
     app.add_middleware(RequestMetrics, metrics=metrics, known_paths=KNOWN_PATHS)
@@ -115,11 +123,17 @@ def _add_routes(app: FastAPI) -> None:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The model is loaded and the inference worker runs")
+    @app.get("/readyz", summary="The model is loaded, every model process answers a ping within 2 s, and the "
+                                "inference worker runs")
     async def readyz(request: Request):
-        if not (request.app.state.batcher.alive and _alive(request.app.state.engine)):
-            return JSONResponse({"status": "not ready"}, status_code=503)
-        return {"status": "ready", "model": request.app.state.engine.name}
+        state = request.app.state
+        if not state.batcher.alive:
+            problem = "the inference worker has stopped"
+        else:
+            problem = await anyio.to_thread.run_sync(_model_problem, state.engine, state.config)
+        if problem:
+            return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
+        return {"status": "ready", "model": state.engine.name}
 
     @app.get("/v1/info", summary="The model served: its name, whether it is the bundled demo model, "
                                  "whether it gives maps (maps=true), and a note for people")
@@ -133,7 +147,7 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/tag", summary="Labels for one or more images", openapi_extra={"requestBody": OPENAPI_BODY},
               responses={413: {"description": "body over the upload limit"}, 415: {"description": "not an image type"},
                          422: {"description": "undecodable image, over the pixel limit, or a bad option"},
-                         503: {"description": "queue full (see Retry-After)"}, 504: {"description": "timed out"}})
+                         503: {"description": "queue full or too many upload bytes in flight (see Retry-After)"}, 504: {"description": "timed out"}})
     async def tag(
         request: Request,
         top_k: int | None = Query(None, ge=1, le=MAX_TOP_K, description="labels per image (default 20, as `nxtrec predict`)"),
@@ -201,6 +215,14 @@ def _docs_page(request: Request) -> str:
     for placeholder, value in values.items():
         page = page.replace(placeholder, html.escape(value))
     return page
+
+
+def _model_problem(engine: Engine, config: ServeConfig) -> str | None:
+    """Why the model cannot serve now (a `ModelProcesses` engine is pinged), or None."""
+    ping = getattr(engine, "ping", None)
+    if ping is not None:
+        return ping(config.ready_timeout_s, busy_limit=config.timeout_s)
+    return None if _alive(engine) else "the model process has ended"
 
 
 def _alive(engine: Engine) -> bool:

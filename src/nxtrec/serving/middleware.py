@@ -1,14 +1,22 @@
-"""Pure ASGI middleware around the app: request metrics, the API key (401) and the body
-size limit (413). Pure ASGI (not Starlette's BaseHTTPMiddleware) so that the body is
-streamed through, never buffered, and client disconnects reach the endpoint."""
+"""Pure ASGI middleware around the app: request metrics (a client that disconnects is a 499
+and one log line), the API key (401), the body-read deadline (408, or 503 once the server
+shuts down) and the body size limit (413). Pure ASGI (not Starlette's BaseHTTPMiddleware) so
+that the body is streamed through, never buffered, and client disconnects reach the endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 
+from starlette.requests import ClientDisconnect
+
 from nxtrec.serving.metrics import Metrics
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's log (stderr), as its own messages
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request": counted, never sent
 
 
 async def send_error(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -48,9 +56,17 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_tracking_status)
+        except ClientDisconnect:
+            # The client went away before its request was complete (mid-upload): nobody to
+            # answer, nothing wrong with the server. One line, no traceback, no 500.
+            status = CLIENT_CLOSED
         finally:
             path = scope["path"] if scope["path"] in self.known_paths else "other"
             self.metrics.observe_request(path, status, time.perf_counter() - start)
+            if status == CLIENT_CLOSED:
+                client = scope.get("client") or ("-", 0)
+                log.warning('%s:%s - "%s %s" %d client disconnected before the answer', client[0], client[1],
+                            scope["method"], path, CLIENT_CLOSED)
 
 
 class ApiKey:
@@ -118,3 +134,76 @@ class BodyLimit:
             if started:
                 raise
             await send_error(send, 413, self._message())
+
+
+class Shutdown:
+    """Set (from a signal handler) when the server begins to shut down: uploads still being
+    received get `grace` seconds more, then 503, so that they do not hold the shutdown."""
+
+    def __init__(self, grace: float = 1.0):
+        self.grace = grace
+        self.since: float | None = None  # time.monotonic() of the signal
+
+    def begin(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+
+class BodyTimeout:
+    """The whole request body must arrive within `timeout_s` seconds of the request head
+    (408 beyond, and the connection is closed): a client sending slowly, or not at all, cannot
+    hold a connection and a request slot for ever. Once the body is in, `receive` passes
+    through untouched (the endpoint waits on it for a disconnect)."""
+
+    POLL_S = 0.2  # how often a waiting read looks at the shutdown flag
+
+    def __init__(self, app, timeout_s: float, shutdown: Shutdown | None = None):
+        self.app, self.timeout_s, self.shutdown = app, timeout_s, shutdown or Shutdown()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = time.monotonic() + self.timeout_s
+        body_done = False
+        started = False
+
+        async def receive_with_deadline():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            reading = asyncio.ensure_future(receive())
+            try:
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise _BodyNotReceived(408, f"request body not received within {self.timeout_s:g} s "
+                                                    "(see --body-timeout)")
+                    since = self.shutdown.since
+                    if since is not None and now >= since + self.shutdown.grace:
+                        raise _BodyNotReceived(503, "the server is shutting down; retry on another instance or later")
+                    done, _ = await asyncio.wait({reading}, timeout=min(self.POLL_S, deadline - now))
+                    if done:
+                        message = reading.result()
+                        body_done = message["type"] != "http.request" or not message.get("more_body", False)
+                        return message
+            finally:
+                if not reading.done():
+                    reading.cancel()
+
+        async def send_tracking_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_with_deadline, send_tracking_start)
+        except _BodyNotReceived as e:
+            if started:
+                raise
+            await send_error(send, e.status, e.detail, {"Connection": "close"})
+
+
+class _BodyNotReceived(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -36,6 +37,7 @@ from nxtrec.inference.ranking import Label
 from nxtrec.inference.threads import threads_per_process
 
 STOP = None  # the message that ends the child
+PING = "ping"  # ("ping", n) is answered ("pong", n) between batches (see _Pool.ping)
 SHM = "/dev/shm"  # memory-backed files on Linux; elsewhere the pixels file is an ordinary temporary file
 
 
@@ -49,7 +51,9 @@ class EngineInfo:
 
 class ModelProcesses:
     """An `Engine` whose model runs in `processes` child processes: each batch is split
-    between them. `alive()` is False once one of them has ended."""
+    between them. `alive()` is False once one of them has ended, and then every batch is
+    refused (the server answers 503; a dead process is not restarted). `ping()` is /readyz's
+    check that each one still answers."""
 
     def __init__(self, info: EngineInfo, pool: _Pool):
         self.name, self.preprocessing = info.name, info.preprocessing
@@ -61,6 +65,10 @@ class ModelProcesses:
 
     def alive(self) -> bool:
         return self.pool.alive()
+
+    def ping(self, timeout: float = 2.0, busy_limit: float = 60.0) -> str | None:
+        """None when every model process answers within `timeout` seconds, else why not."""
+        return self.pool.ping(timeout, busy_limit)
 
     def close(self) -> None:
         self.pool.close()
@@ -90,10 +98,51 @@ class _Pool:
 
     def __init__(self, clients: list[_Client]):
         self.clients = clients
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one batch or one ping at a time: replies come back in order
+        self.batch_started: float | None = None  # time.monotonic() of the batch running now
+        self.pings = 0
 
     def alive(self) -> bool:
-        return all(c.process.poll() is None for c in self.clients)
+        return self.dead() is None
+
+    def dead(self) -> str | None:
+        """Why the pool cannot serve: a model process has ended (None while all run). Every
+        batch is refused then, whether or not its share would have gone to that process."""
+        for i, client in enumerate(self.clients):
+            code = client.process.poll()
+            if code is not None:
+                which = "the model process" if len(self.clients) == 1 else f"model process {i + 1} of {len(self.clients)}"
+                return f"{which} ended unexpectedly (exit code {code})"
+        return None
+
+    def ping(self, timeout: float, busy_limit: float) -> str | None:
+        """Readiness: each model process must answer a ping within `timeout` seconds. While a
+        batch runs, its end within `timeout` is the answer; a batch that runs on past that is
+        taken as work in progress unless a process is stopped (SIGSTOP) or the batch has run
+        longer than `busy_limit` seconds (the request timeout). A ping never interleaves with a
+        batch (both hold the lock); a late pong is skipped by whoever reads next."""
+        deadline = time.monotonic() + timeout
+        if not self.lock.acquire(timeout=timeout):
+            started = self.batch_started
+            for i, client in enumerate(self.clients):
+                if _stopped(client.process.pid):
+                    return f"model process {i + 1} is stopped (not answering)"
+            if started is not None and time.monotonic() - started > busy_limit:
+                return f"the model processes are not answering (one batch has run {time.monotonic() - started:.0f} s)"
+            return self.dead()
+        try:
+            problem = self.dead()
+            if problem:
+                return problem
+            self.pings += 1
+            for client in self.clients:
+                client.send_message((PING, self.pings))
+            for i, client in enumerate(self.clients):
+                if not client.wait_pong(self.pings, deadline):
+                    return self.dead() or f"model process {i + 1} is not answering (no reply within {timeout:g} s)"
+            return None
+        finally:
+            self.lock.release()
 
     def receive_all(self, clients: list[_Client] | None = None) -> list:
         """One reply from each client, all read before any error is raised (so that no reply
@@ -111,10 +160,17 @@ class _Pool:
     def predict(self, pixels: np.ndarray, options: DecodeOptions) -> list:
         shares = np.array_split(pixels, min(len(self.clients), len(pixels)))
         with self.lock:
-            busy = self.clients[: len(shares)]
-            for client, share in zip(busy, shares):
-                client.send(share, options)
-            return [labels for reply in self.receive_all(busy) for labels in reply]
+            problem = self.dead()
+            if problem:
+                raise NxtrecError(problem)
+            self.batch_started = time.monotonic()
+            try:
+                busy = self.clients[: len(shares)]
+                for client, share in zip(busy, shares):
+                    client.send(share, options)
+                return [labels for reply in self.receive_all(busy) for labels in reply]
+            finally:
+                self.batch_started = None
 
     def close(self) -> None:
         with self.lock:
@@ -145,24 +201,41 @@ class _Client:
         return client
 
     def receive(self):
-        try:
-            kind, value = self.conn.recv()
-        except (EOFError, OSError):
+        while True:
             try:
-                code = self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                code = "none yet"
-            raise NxtrecError(f"the model process ended unexpectedly (exit code {code})") from None
+                kind, value = self.conn.recv()
+            except (EOFError, OSError):
+                try:
+                    code = self.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    code = "none yet"
+                raise NxtrecError(f"the model process ended unexpectedly (exit code {code})") from None
+            if kind != "pong":  # a ping's late answer
+                break
         if kind == "error":
             raise NxtrecError(value)
         return value
 
     def send(self, pixels: np.ndarray, options: DecodeOptions) -> None:
         np.copyto(self.pixels.view(pixels.shape, grow=True), pixels)
+        self.send_message((pixels.shape, options))
+
+    def send_message(self, message) -> None:
         try:
-            self.conn.send((pixels.shape, options))
+            self.conn.send(message)
         except OSError:
             pass  # the child is gone; receive() says so
+
+    def wait_pong(self, n: int, deadline: float) -> bool:
+        """True when ("pong", n) arrives before `deadline` (older pongs are skipped)."""
+        try:
+            while self.conn.poll(max(0.0, deadline - time.monotonic())):
+                kind, value = self.conn.recv()
+                if kind == "pong" and value == n:
+                    return True
+        except (EOFError, OSError):
+            pass
+        return False
 
     def stop(self) -> None:
         if not self.conn.closed:
@@ -207,6 +280,15 @@ class _SharedPixels:
             self.map = None
 
 
+def _stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP, a debugger): state T or t in /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def _serve(conn: Connection, pixels: _SharedPixels) -> None:
     """The child: load the engine named by the first message, then answer batches until told
     to stop or the server is gone."""
@@ -224,6 +306,9 @@ def _serve(conn: Connection, pixels: _SharedPixels) -> None:
             return  # the server is gone
         if message is STOP:
             return
+        if message[0] == PING:
+            conn.send(("pong", message[1]))
+            continue
         shape, options = message
         try:
             reply = ("ok", engine.predict_batch(pixels.view(shape), options))

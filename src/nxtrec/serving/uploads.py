@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from nxtrec.model.image import ImageError, load_image
 from nxtrec.inference.engine import Engine
+from nxtrec.serving.middleware import send_error
 
 # Declared content types taken as "maybe an image"; the bytes decide (422 if they are not).
 # A missing type counts as unknown, not as wrong (curl --data-binary sends none useful).
@@ -90,3 +91,76 @@ def decode(upload: Upload, engine: Engine, max_pixels: int | None = None) -> Dec
     except ImageError as e:
         raise RequestError(422, str(e).replace("<bytes>", upload.name, 1)) from None
     return DecodedImage(engine.preprocessing.array(img), img.width, img.height)
+
+
+class _OverInflight(Exception):
+    pass
+
+
+class InflightBytes:
+    """Bounds the sum of the request bodies in flight (being received, decoded or waiting
+    for their labels) to `max_bytes`: a request that would pass it gets 503 with
+    Retry-After, from its Content-Length before any byte is read, or as soon as a streamed
+    body passes it. Nothing waits in a queue for room. A request alone is always let in
+    (its body is bounded by the upload limit, 413), so a limit below --max-upload-mb
+    cannot lock a large upload out. Pure ASGI: single-threaded on the event loop, so the
+    counter needs no lock."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+        self.in_flight = 0  # bytes reserved by the requests being served
+        self.requests = 0
+
+    def _message(self) -> str:
+        mb = self.max_bytes / (1024 * 1024)
+        return (f"server busy: uploads in flight would pass {mb:g} MB (--max-inflight-mb); "
+                "retry shortly")
+
+    def _fits(self, more: int) -> bool:
+        return self.requests == 1 or self.in_flight + more <= self.max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = None
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                text = value.decode("latin-1")
+                length = int(text) if text.isdigit() else None
+        self.requests += 1
+        reserved = 0
+        try:
+            if length:
+                if not self._fits(length):
+                    await send_error(send, 503, self._message(), {"Retry-After": "1"})
+                    return
+                reserved = length
+                self.in_flight += reserved
+            started = False
+
+            async def receive_counted():
+                nonlocal reserved
+                message = await receive()
+                if message["type"] == "http.request":
+                    received = len(message.get("body", b""))
+                    if length is None and received:  # a streamed body: reserve as it comes
+                        if not self._fits(received):
+                            raise _OverInflight
+                        reserved += received
+                        self.in_flight += received
+                return message
+
+            async def send_tracking_start(message):
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self.app(scope, receive_counted, send_tracking_start)
+            except _OverInflight:
+                if started:
+                    raise
+                await send_error(send, 503, self._message(), {"Retry-After": "1"})
+        finally:
+            self.requests -= 1
+            self.in_flight -= reserved

@@ -76,27 +76,37 @@ def _read_list(list_file: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def shard_items(patterns: list[str]) -> list[InputItem]:
-    """One item per sample of each shard (its first image member), keyed by the sample key."""
+def shard_items(patterns: list[str], shard_errors: list[dict] | None = None) -> list[InputItem]:
+    """One item per sample of each shard (its first image member), keyed by the sample key.
+    A damaged shard (not a tar, unreadable, truncated, corrupt header) gives its readable
+    samples and an error `{"id": shard, "reason", "shard": true}` in `shard_errors`."""
     items = []
     for tar in expand_shards(patterns):
-        for key, members, _ in tar_samples(Path(tar)):
+        damage: list[str] = []
+        samples = 0
+        for key, members, _ in tar_samples(Path(tar), damage):
             image = next((m for m in members if member_ext(m) in IMAGE_EXTS), None)
             source = TarMember(tar, image.offset_data, image.size) if image is not None else None
             items.append(InputItem(key, source))
+            samples += 1
+        if damage and shard_errors is not None:
+            reason = f"{tar}: damaged shard, {damage[0]}; {samples} samples read"
+            shard_errors.append({"id": tar, "reason": reason, "shard": True})
     return items
 
 
 def collect_inputs(paths: list[str], list_file: str | None = None, shards: list[str] | None = None,
-                   roots: dict[str, str] | None = None) -> list[InputItem]:  # fmt: skip
+                   roots: dict[str, str] | None = None, shard_errors: list[dict] | None = None,
+                   ) -> list[InputItem]:  # fmt: skip
     """Every input, in order: the positional paths, then the list file, then the shards. An
     input given twice is tagged twice (ids are the paths as given). With `roots`, the images of
-    a folder named before by another path get ids spelled as then, and new folders are added."""
+    a folder named before by another path get ids spelled as then, and new folders are added.
+    Damaged shards are appended to `shard_errors` (see shard_items)."""
     items = [item for arg in paths for item in _expand_path(arg, roots)]
     if list_file:
         items += [item for arg in _read_list(list_file) for item in _expand_path(arg, roots)]
     if shards:
-        items += shard_items(shards)
+        items += shard_items(shards, shard_errors)
     return items
 
 

@@ -6,6 +6,7 @@ torchrun, rank r takes parts r, r + world, ... of this run's plan."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,6 +18,7 @@ from nxtrec.distributed import RankInfo, setup_distributed
 from nxtrec.engines import capabilities_of, check_engine_choice, load_engine
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.engine import DecodeOptions, Engine
+from nxtrec.model.image import MAX_PIXELS_ENV, max_image_pixels
 from nxtrec.tagging.inputs import InputItem, collect_inputs, fingerprint, inputs_digest
 from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
@@ -80,6 +82,7 @@ class TagOptions:
             raise NxtrecError("--maps needs --format jsonl")
         if self.update and self.overwrite:
             raise NxtrecError("--update keeps the records in --out and --overwrite discards them: choose one")
+        max_image_pixels()  # a bad $NXTREC_MAX_IMAGE_PIXELS is one usage error, not a failure per image
 
     def settings(self, items: list[InputItem]) -> dict:
         """Everything the records depend on: a folder is resumed only with the same settings.
@@ -112,6 +115,7 @@ class TagSummary:
         rate = self.new_images / max(self.seconds, 1e-9)
         state = "" if c["parts_done"] == c["parts"] else f", {c['parts'] - c['parts_done']} parts left"
         state += f", {c['removed']} removed" if c.get("removed") else ""
+        state += f", {c['shard_errors']} damaged shards" if c.get("shard_errors") else ""
         changed = f" ({self.changed} changed)" if self.changed else ""
         return (f"{c['images']} images ({c['tagged']} tagged, {c['failed']} failed{state}) in {self.out}; "
                 f"this run: {self.new_images} images{changed} in {self.seconds:.1f} s, {rate:.1f} images/s")  # fmt: skip
@@ -127,8 +131,9 @@ class TagPlan:
     changed: int  # todo images that have a record already
 
     @classmethod
-    def of(cls, inputs: list[tuple[str, dict | None]], entries: list[PartEntry], size: int) -> TagPlan:
-        picks = match_entries(inputs, entries)
+    def of(cls, inputs: list[tuple[str, dict | None]], entries: list[PartEntry], size: int,
+           retry: Callable[[PartEntry], bool] | None = None) -> TagPlan:  # fmt: skip
+        picks = match_entries(inputs, entries, retry)
         todo = [i for i, k in enumerate(picks) if k is None]
         finished, known = {e.part for e in entries}, {e.id for e in entries}
         free = (n for n in range(len(finished) + len(todo) + 1) if n not in finished)
@@ -167,14 +172,41 @@ def _tag_parts(engine: Engine, items: list[InputItem], fps: list, parts: list[tu
         output.write_part(number, part, [fps[i] for i in span])
 
 
-def _inputs(opts: TagOptions, output: TagOutput) -> tuple[list[InputItem], dict]:
+# failures that a plain rerun tries again once the image can be read (the file is back, its
+# permissions were fixed); a bad $NXTREC_MAX_IMAGE_PIXELS of an earlier version, always
+TRANSIENT = ("no such file", "permission denied", "cannot access", "input/output error")
+
+
+def retry_failed(items: list[InputItem]) -> Callable[[PartEntry], bool]:
+    """Whether a failed image's record is to be replaced: its failure was transient and its
+    file is readable now (a file still missing is not tagged into a new part on every rerun)."""
+    sources = {item.id: item.source for item in items}
+
+    def retry(entry: PartEntry) -> bool:
+        reason = (entry.error or "").lower()
+        if MAX_PIXELS_ENV.lower() in reason:
+            return True
+        source = sources.get(entry.id)
+        return (any(t in reason for t in TRANSIENT) and isinstance(source, str) and os.path.isfile(source)
+                and os.access(source, os.R_OK))  # fmt: skip
+
+    return retry
+
+
+def _inputs(opts: TagOptions, output: TagOutput, shard_errors: list[dict]) -> tuple[list[InputItem], dict]:
     """The inputs, with the ids their folders had in --out before, and the folders' roots."""
     manifest = None if opts.overwrite or not output.folder.is_dir() else output.read_manifest()
     roots = dict((manifest or {}).get("roots", {}))
-    items = collect_inputs(opts.inputs, opts.list_file, opts.shards, roots=roots)
+    items = collect_inputs(opts.inputs, opts.list_file, opts.shards, roots=roots, shard_errors=shard_errors)
     if not items:
         raise NxtrecError("no images found in the given inputs")
     return items, roots
+
+
+def _prepare(output: TagOutput, opts: TagOptions, settings: dict, roots: dict) -> None:
+    """Rank 0: the folder and its manifest; damaged parts are removed and said."""
+    for line in output.prepare(settings, opts.overwrite, roots):
+        print(f"nxtrec tag: {line}", file=sys.stderr)
 
 
 def _progress(opts: TagOptions, ranks: RankInfo, items: list, plan: TagPlan, mine: list[tuple[int, range]]) -> Progress:
@@ -186,12 +218,24 @@ def _progress(opts: TagOptions, ranks: RankInfo, items: list, plan: TagPlan, min
 
 
 def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nullcontext) -> TagSummary:
-    """Tag what is not tagged yet; `loading()` wraps the model's load (the CLI shows a line)."""
+    """Tag what is not tagged yet; `loading()` wraps the model's load (the CLI shows a line).
+    The process that reports (rank 0) holds the folder's lock for the whole job."""
     opts.validate()
     output = TagOutput(opts.out, opts.fmt)
-    items, roots = _inputs(opts, output)
+    shard_errors: list[dict] = []
+    items, roots = _inputs(opts, output, shard_errors)
     settings = opts.settings(items)
     output.check(settings, opts.overwrite, opts.update)
+    reports = os.environ.get("RANK", "0") == "0"
+    with output.locked() if reports else nullcontext():
+        output.check(settings, opts.overwrite, opts.update)  # again: another job may have written meanwhile
+        for error in shard_errors if reports else []:
+            print(f"nxtrec tag: {error['reason']}", file=sys.stderr)
+        return _run_job(opts, output, items, roots, settings, shard_errors, loading)
+
+
+def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots: dict, settings: dict,
+             shard_errors: list[dict], loading: Callable[[], AbstractContextManager]) -> TagSummary:  # fmt: skip
     if opts.update:  # refuse a folder without fingerprints before its manifest names the new inputs
         output.read_entries(None, opts.part_size)
     ranks, device = _join_ranks(opts)
@@ -199,11 +243,11 @@ def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nu
         with loading():
             engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype)
         if ranks.rank == 0:
-            output.prepare(settings, opts.overwrite, roots)
+            _prepare(output, opts, settings, roots)
         ranks.barrier()
         inputs = [(item.id, fingerprint(item, opts.content_hash)) for item in items]
         legacy = None if opts.update else items  # parts written before fingerprints: positional
-        plan = TagPlan.of(inputs, output.read_entries(legacy, opts.part_size), opts.part_size)
+        plan = TagPlan.of(inputs, output.read_entries(legacy, opts.part_size), opts.part_size, retry_failed(items))
         ranks.barrier()  # every rank has its plan before any part of this run appears
         todo, size = [items[i] for i in plan.todo], opts.part_size
         parts = [(n, range(j * size, min((j + 1) * size, len(todo)))) for j, n in enumerate(plan.numbers)]
@@ -223,7 +267,8 @@ def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nu
                         "seconds": round(seconds, 3), "images_per_s": round(new_images / max(seconds, 1e-9), 2)}  # fmt: skip
             name = "onnxruntime cpu" if opts.onnx else f"pytorch {device} {opts.dtype}"
             extra = {"engine": name, "world_size": ranks.world, "batch_size": opts.batch_size, "this_run": this_run}
-            counts = output.finish(settings, inputs, output.read_entries(legacy, opts.part_size), extra)
+            entries = output.read_entries(legacy, opts.part_size)
+            counts = output.finish(settings, inputs, entries, extra, shard_errors)
         return TagSummary(counts, new_images, seconds, output.folder, plan.changed)
     finally:
         ranks.close()

@@ -4,20 +4,67 @@ $OMP_NUM_THREADS).
 
 Several single-threaded model processes beat one process with several threads on a CPU: a
 thread of a multi-threaded model waits for the others at every operation, and whenever
-image decoding takes one of the cores. The ranks take every N-th part (nxtrec.tagging.job)."""
+image decoding takes one of the cores. The ranks take every N-th part (nxtrec.tagging.job).
+
+The ranks end with the launcher: on Linux the kernel kills each rank when the launcher dies
+(PR_SET_PDEATHSIG, also for kill -9), and every rank also watches its parent (other systems);
+a SIGTERM to the launcher stops the ranks first. The launcher holds no lock: rank 0 holds
+the output folder's, as under torchrun."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 from nxtrec.inference.threads import threads_per_process
 
 # exit codes of `nxtrec tag` that are results, not failures: 1 = some images could not be read
 RESULT_CODES = (0, 1)
+LAUNCHER_ENV = "NXTREC_TAG_LAUNCHER"  # the launcher's pid, in each rank's environment
+PR_SET_PDEATHSIG = 1
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """For Popen(preexec_fn=): in the child, ask Linux to SIGKILL it when `parent` dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, before fork
+    except (OSError, AttributeError):
+        return None
+
+    def setup() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+
+    return setup
+
+
+def watch_launcher() -> None:
+    """In a rank started by run_ranks: end when the launcher is gone (where the kernel does
+    not do it for us), as the decoding workers end with their process."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or not launcher.isdigit() or os.getppid() != int(launcher):
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-launcher").start()
 
 
 def _free_port() -> int:
@@ -32,11 +79,38 @@ def run_ranks(argv: list[str], processes: int) -> int:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(processes),
                LOCAL_WORLD_SIZE=str(processes))  # fmt: skip
     env["OMP_NUM_THREADS"] = threads_per_process(processes)
+    env[LAUNCHER_ENV] = str(os.getpid())
+    setup = _die_with_parent(os.getpid())
+    on_term = _on_sigterm()
+    # preexec_fn only makes one prctl call (looked up before the fork), which is safe with threads
     ranks = [
-        subprocess.Popen([sys.executable, "-m", "nxtrec", *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        subprocess.Popen([sys.executable, "-m", "nxtrec", *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                         preexec_fn=setup)  # noqa: PLW1509
         for r in range(processes)
     ]
     codes: dict[int, int] = {}
+    try:
+        return _wait(ranks, codes)
+    except _Terminated:
+        _stop(ranks)
+        return 128 + signal.SIGTERM
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _on_sigterm():
+    """SIGTERM to the launcher stops its ranks (raises _Terminated); the handler it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _wait(ranks: list[subprocess.Popen], codes: dict[int, int]) -> int:
     try:
         while len(codes) < len(ranks):
             for r, proc in enumerate(ranks):

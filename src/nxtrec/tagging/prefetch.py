@@ -117,7 +117,7 @@ def prefetched_batches(decoder: BatchDecoder, workers: int) -> Iterator[DecodedB
         pending: deque = deque()
         for b in range(len(decoder)):
             slot = b % len(ring.array)
-            pending.append((slot, pool.submit(_decode_in_worker, b, slot)))
+            pending.append((slot, _submit(pool, b, slot)))
             if len(pending) > ahead:
                 yield batch(*_decoded(*pending.popleft()))
         while pending:
@@ -126,10 +126,20 @@ def prefetched_batches(decoder: BatchDecoder, workers: int) -> Iterator[DecodedB
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+WORKER_DIED = ("an image decoding worker process ended unexpectedly (killed, or out of memory?); "
+               "the parts written so far are kept: run the command again to resume")
+
+
+def _submit(pool: ProcessPoolExecutor, b: int, slot: int):
+    try:  # a worker that died while the batches before were decoded breaks the pool here
+        return pool.submit(_decode_in_worker, b, slot)
+    except BrokenProcessPool:
+        raise NxtrecError(WORKER_DIED) from None
+
+
 def _decoded(slot: int, future) -> tuple[int, list[Decoded], int]:
     try:
         return slot, *future.result()
     except BrokenProcessPool:
-        raise NxtrecError("an image decoding worker process ended unexpectedly (killed, or out of memory?); "
-                          "the parts written so far are kept: run the command again to resume") from None
+        raise NxtrecError(WORKER_DIED) from None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from nxtrec.errors import disk_space, is_disk_full
 from nxtrec.training.errors import TrainError
 
 CKPT_PREFIX = "ckpt-"
@@ -64,8 +65,15 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, keep_
         for name in (TRAINABLE_FILE, STATE_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except Exception as e:  # torch.save: RuntimeError, safetensors: SafetensorError, else OSError
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            needed = sum(v.numel() * v.element_size() for v in tensors.values())
+            raise TrainError(f"{final}: checkpoint not written: disk full; the temporary folder was removed and the "
+                             f"earlier checkpoints are intact: no space left on the device ({disk_space(final, needed)}; "
+                             "free space, then resume)") from None
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         raise TrainError(f"{final}: checkpoint not written: {_write_failure(e)}; the temporary folder was removed and "
                          "the earlier checkpoints are intact (free space, then resume)") from None
     if final.exists():  # e.g. resumed from an older checkpoint: replace the stale one

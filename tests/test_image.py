@@ -207,7 +207,7 @@ def test_high_depth_images_are_converted_without_a_whole_image_copy(mode, tmp_pa
     result and one block of rows, never a copy of the whole image at its own depth."""
     import tracemalloc
 
-    import nxtrec.model.image as image
+    from nxtrec.model import image
 
     monkeypatch.setattr(image, "_CHUNK_PIXELS", 1 << 16, raising=False)
     w, h = 2000, 1500

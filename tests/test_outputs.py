@@ -133,7 +133,8 @@ def test_eval_says_it_runs_the_demo_model(monkeypatch, capsys):
 
 
 def test_serve_says_it_runs_the_demo_model(monkeypatch, capsys):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    import nxtrec.cli.serve
     import nxtrec.serving.app
     import nxtrec.serving.model_process
 
@@ -145,7 +146,7 @@ def test_serve_says_it_runs_the_demo_model(monkeypatch, capsys):
 
     monkeypatch.setattr(nxtrec.serving.model_process, "start_engine_process", lambda *a, **k: Engine())
     monkeypatch.setattr(nxtrec.serving.app, "create_app", lambda *a, **k: None)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(nxtrec.cli.serve, "_serve", lambda *a, **k: None)  # no server: only what it says
     assert main(["serve"]) == 0
     ready = "nxtrec serve: model default-model, http://127.0.0.1:8000/ (API docs at /docs)"
     assert capsys.readouterr().err.splitlines() == [DEMO_NOTICE, ready]

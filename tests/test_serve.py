@@ -798,3 +798,44 @@ def test_upload_bytes_in_flight_beyond_the_limit_get_503(scenes):
             assert alone.status_code == 200  # 1.2 MB over the 1 MB limit, but nothing else in flight
 
     run(main())
+
+
+def test_decodes_together_stay_within_one_images_byte_budget(monkeypatch):
+    """Two uploads whose headers each need more than half the byte budget are decoded one
+    after the other (the second waits); two small ones at once."""
+    from nxtrec.serving import uploads
+
+    monkeypatch.setenv("NXTREC_MAX_IMAGE_BYTES", "100000")
+
+    def tiff(mode, side):
+        buf = io.BytesIO()
+        Image.new(mode, (side, side)).save(buf, "TIFF")
+        return buf.getvalue()
+
+    running, most = 0, 0
+    lock = threading.Lock()
+    real_load = uploads.load_image
+
+    def counting_load(data, **kwargs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.15)
+        with lock:
+            running -= 1
+        return real_load(data, **kwargs)
+
+    monkeypatch.setattr(uploads, "load_image", counting_load)
+    engine = onnx_like_engine()
+    for data, expected in ((tiff("F", 100), 1), (tiff("L", 100), 2)):  # 80 kB each, then 50 kB each
+        most = 0
+        threads = [threading.Thread(target=uploads.decode, args=(uploads.Upload("x.tif", data), engine)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert most == expected and uploads.DECODE_BYTES.held == 0
+    monkeypatch.setenv("NXTREC_MAX_IMAGE_BYTES", "abc")  # refused when the service starts, not per upload
+    with pytest.raises(NxtrecError, match="NXTREC_MAX_IMAGE_BYTES='abc': expected a positive whole number"):
+        create_app(engine)

@@ -68,6 +68,8 @@ def _config(args):
 
 
 def run(args) -> int:
+    from nxtrec.engines import capabilities_of
+    from nxtrec.inference.engine import DecodeOptions
     from nxtrec.serving.app import create_app
     from nxtrec.serving.model_process import start_engine_process
 
@@ -75,9 +77,6 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"nxtrec serve: warning: listening on {args.host} without an API key (--api-key or ${API_KEY_ENV})",
               file=sys.stderr)
-    from nxtrec.engines import capabilities_of
-    from nxtrec.inference.engine import DecodeOptions
-
     options = DecodeOptions(**vocab_kwargs(args))
     options.check(capabilities_of(onnx=bool(args.onnx)))
     demo_notice(args.model, args.onnx, quiet=args.quiet)  # GET /v1/info tells the web page ("demo")

@@ -69,8 +69,9 @@ class ImageError(NxtrecError, ValueError):
 
 
 class PixelBudgetError(NxtrecError):
-    """A bad $NXTREC_MAX_IMAGE_PIXELS: a usage error of the whole command (exit code 2), not
-    an ImageError, so that no per-image loop records it as a failed image."""
+    """A bad $NXTREC_MAX_IMAGE_PIXELS or $NXTREC_MAX_IMAGE_BYTES: a usage error of the whole
+    command (exit code 2), not an ImageError, so that no per-image loop records it as a failed
+    image."""
 
 
 def max_image_pixels() -> int:
@@ -118,6 +119,39 @@ def decode_bytes(mode: str, width: int, height: int) -> int:
     return width * height * (bytes_per_pixel(mode) + _RGB_BYTES)
 
 
+_TRIM_ABOVE = 64_000_000  # decodes this large (decode_bytes) give their freed memory back at once
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory(cost: int) -> None:
+    """After a decode of `cost` bytes (decode_bytes), hand the memory it freed back to the
+    system. Pillow allocates images in 16 MB blocks, which glibc keeps for later in the
+    arena of the thread that freed them; decodes on other threads (serve) would each keep
+    their own, so a process would hold several images' worth without using them."""
+    trim = _malloc_trim() if cost >= _TRIM_ABOVE else None
+    if trim is not None:
+        trim(0)
+
+
+def header_decode_bytes(data: bytes) -> int:
+    """`decode_bytes` of the image in `data`, from its header alone (nothing decoded); 0 when
+    the header cannot be read (`load_image` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return decode_bytes(img.mode, *img.size)
+    except Exception:  # noqa: BLE001 - any unreadable header: load_image reports it
+        return 0
+
+
 def exif_orientation_enabled() -> bool:
     return os.environ.get(EXIF_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -131,8 +165,7 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     blocks of rows (`_CHUNK_PIXELS`): no copy of the whole image besides the 1-byte result."""
     width, height = img.size
     if not img.mode.startswith("I;16"):  # mode I (int32) or F (float32)
-        # NaN and infinities are not ordered: Pillow's extrema skip nothing, so only a real
-        # value above 255 selects the 16-bit scale (as `arr.max() > 255` did)
+        # the largest value, from Pillow without a copy: above 255 selects the 16-bit scale
         peak = 65535.0 if img.getextrema()[1] > 255 else 255.0
     out = np.empty((height, width), dtype=np.uint8)
     rows = max(1, _CHUNK_PIXELS // max(width, 1))
@@ -258,7 +291,10 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None,
         raise ImageError(f"{name}: cannot decode image ({e})") from None
     if rotate:
         _apply_exif_orientation(img, name)
-    return _decoded_to_rgb(img)
+    cost = decode_bytes(img.mode, *img.size)
+    rgb = _decoded_to_rgb(img)
+    release_free_memory(cost)  # the decoded image and its 8-bit copy
+    return rgb
 
 
 def _apply_exif_orientation(img: Image.Image, name: str) -> None:

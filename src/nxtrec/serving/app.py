@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 
 from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.inference.ranking import keep_labels
+from nxtrec.model.image import max_image_bytes, max_image_pixels
 from nxtrec.serving.batcher import Batcher, Job, QueueFull
 from nxtrec.serving.metrics import Metrics
 from nxtrec.serving.middleware import ApiKey, BodyLimit, BodyTimeout, RequestMetrics, Shutdown
@@ -78,6 +79,8 @@ class RequestOptions:
 def create_app(engine: Engine, config: ServeConfig | None = None, options: DecodeOptions | None = None) -> FastAPI:
     """`options`: the service's decoding options (a tag list); each request sets top_k and maps."""
     config = config or ServeConfig()
+    # a bad $NXTREC_MAX_IMAGE_PIXELS or _BYTES is one usage error at start, not a 500 per upload
+    max_image_pixels(), max_image_bytes()
     metrics = Metrics()
     batcher = Batcher(engine.predict_batch, config.max_batch, config.max_wait_ms / 1000, config.queue,
                       metrics.observe_batch)  # fmt: skip

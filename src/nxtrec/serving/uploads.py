@@ -9,6 +9,8 @@ image body (`Content-Type: image/...` or `application/octet-stream`). Decoding g
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,7 @@ import python_multipart  # noqa: F401  (Starlette's form parser: missing, fail a
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from nxtrec.model.image import ImageError, load_image
+from nxtrec.model.image import ImageError, header_decode_bytes, load_image, max_image_bytes, release_free_memory
 from nxtrec.inference.engine import Engine
 from nxtrec.serving.middleware import send_error
 
@@ -84,13 +86,48 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[Uploa
     return uploads, fields
 
 
+class DecodeBytes:
+    """The decodes of one process hold at most one image's byte budget together
+    (`max_image_bytes()`, what `load_image` lets one image take): a decode whose header says
+    it needs more than what is left waits for the others to finish (at most --decode-threads
+    wait: the app's limiter bounds them); alone, a decode always starts."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.held = 0
+
+    @contextmanager
+    def hold(self, cost: int):
+        budget = max_image_bytes()
+        if cost > budget:  # load_image refuses it from the header: nothing to wait for
+            cost = 0
+        with self._cond:
+            self._cond.wait_for(lambda: self.held == 0 or self.held + cost <= budget)
+            self.held += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= cost
+                self._cond.notify_all()
+
+
+DECODE_BYTES = DecodeBytes()
+
+
 def decode(upload: Upload, engine: Engine, max_pixels: int | None = None) -> DecodedImage:
-    """Decode and preprocess one upload (runs in a worker thread: it is CPU work)."""
-    try:
-        img = load_image(upload.data, max_pixels=max_pixels)
-    except ImageError as e:
-        raise RequestError(422, str(e).replace("<bytes>", upload.name, 1)) from None
-    return DecodedImage(engine.preprocessing.array(img), img.width, img.height)
+    """Decode and preprocess one upload (runs in a worker thread: it is CPU work), within
+    the process's decode budget (`DECODE_BYTES`)."""
+    cost = header_decode_bytes(upload.data)
+    with DECODE_BYTES.hold(cost):
+        try:
+            img = load_image(upload.data, max_pixels=max_pixels)
+        except ImageError as e:
+            raise RequestError(422, str(e).replace("<bytes>", upload.name, 1)) from None
+        decoded = DecodedImage(engine.preprocessing.array(img), img.width, img.height)
+        del img  # freed, and given back, before the next decode starts
+        release_free_memory(cost)
+    return decoded
 
 
 class _OverInflight(Exception):

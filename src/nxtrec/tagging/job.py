@@ -18,7 +18,7 @@ from nxtrec.distributed import RankInfo, setup_distributed
 from nxtrec.engines import capabilities_of, check_engine_choice, load_engine
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.engine import DecodeOptions, Engine
-from nxtrec.model.image import MAX_PIXELS_ENV, max_image_pixels
+from nxtrec.model.image import MAX_PIXELS_ENV, max_image_bytes, max_image_pixels
 from nxtrec.tagging.inputs import InputItem, collect_inputs, fingerprint, inputs_digest
 from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
@@ -82,7 +82,8 @@ class TagOptions:
             raise NxtrecError("--maps needs --format jsonl")
         if self.update and self.overwrite:
             raise NxtrecError("--update keeps the records in --out and --overwrite discards them: choose one")
-        max_image_pixels()  # a bad $NXTREC_MAX_IMAGE_PIXELS is one usage error, not a failure per image
+        # a bad $NXTREC_MAX_IMAGE_PIXELS or $NXTREC_MAX_IMAGE_BYTES is one usage error, not a failure per image
+        max_image_pixels(), max_image_bytes()
 
     def settings(self, items: list[InputItem]) -> dict:
         """Everything the records depend on: a folder is resumed only with the same settings.

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from processes import free_port, model_processes, running
 
 from nxtrec.serving.app import ServeConfig, create_app
 from nxtrec.serving.batcher import Batcher, QueueFull
@@ -222,28 +223,6 @@ def test_int8_model_process_gives_the_int8_recognizers_labels(scenes):
     want = Recognizer.from_pretrained(dtype="int8").predict_batch(pixels, top_k=5)[0]
     assert got and [x.label for x in got] == [x.label for x in want]
     np.testing.assert_allclose([x.prob for x in got], [x.prob for x in want], rtol=1e-4)
-
-
-def model_processes(parent: int) -> list[int]:
-    """The pids of `parent`'s model processes (nxtrec.serving.model_process children)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        if ppid == parent and b"nxtrec.serving.model_process" in cmdline:
-            found.append(int(proc.name))
-    return found
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_model_process_load_error_and_unexpected_end(scenes, tmp_path):
@@ -542,12 +521,6 @@ def test_cancelled_jobs_free_their_queue_slots():
 # ---------------------------------------------------------------------------------------
 # a real `nxtrec serve` process
 # ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:

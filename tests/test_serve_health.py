@@ -17,37 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from processes import free_port, model_processes, running
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
 NXTREC = [sys.executable, "-m", "nxtrec"]
 KEEP_ALIVE_S, BODY_TIMEOUT_S = 1.0, 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def model_processes(parent: int) -> list[int]:
-    """The pids of `parent`'s model processes, oldest first."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if ppid == parent and b"nxtrec.serving.model_process" in cmdline:
-            found.append(int(proc.name))
-    return sorted(found)
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Server:

@@ -16,6 +16,7 @@ from pathlib import Path
 import datagen
 import numpy as np
 import pytest
+from processes import processes_naming
 
 from nxtrec.cli.main import main
 from nxtrec.inference.recognizer import Recognizer
@@ -201,30 +202,14 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(tiny_mod
         proc.wait()
         killed_midway += len(list(out.glob("part-*"))) < num_parts
     assert killed_midway >= 1
-    _assert_no_process_left(out)
+    left = processes_naming(str(out), wait=10.0)  # no process of the killed run (its decoding workers)
+    assert not left, f"processes left behind: {left}"
     assert subprocess.run(_cli(*args, "--out", out), check=False, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV).returncode == 1
     assert _records(out) == _records(tmp_path / "ref")
     assert _errors(out) == _errors(tmp_path / "ref")
     assert json.loads((out / "manifest.json").read_text())["counts"] == json.loads(
         (tmp_path / "ref" / "manifest.json").read_text())["counts"]  # fmt: skip
     assert not list(out.glob("*.tmp")) and not list((out / ".tag").glob("*.tmp"))
-
-
-def _assert_no_process_left(out: Path, wait: float = 10.0) -> None:
-    """No process of a killed `nxtrec tag --out OUT` (its decoding workers) outlives it."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                if str(out).encode() in (proc / "cmdline").read_bytes():
-                    left.append(proc.name)
-            except OSError:
-                continue  # ended meanwhile
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not left, f"processes left behind: {left}"
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datagen
 import pytest
+from processes import processes_naming
 
 from nxtrec.cli.main import main
 
@@ -213,22 +214,6 @@ def test_killing_the_launcher_ends_its_ranks(sig, tiny_model_dir, tmp_path):
     killed = time.monotonic()
     launcher.send_signal(sig)
     assert launcher.wait(30) == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
-    left = _processes_of(out, wait=3.0)
+    left = processes_naming(str(out), wait=3.0)
     assert not left, f"ranks left running {time.monotonic() - killed:.1f} s after the launcher was killed: {left}"
     assert len(list(out.glob("part-*"))) < 20  # they were stopped, not finished
-
-
-def _processes_of(out: Path, wait: float) -> list[str]:
-    """The pids of processes whose command line names `out`, once none is left or after `wait` s."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                if str(out).encode() in (proc / "cmdline").read_bytes():
-                    left.append(proc.name)
-            except OSError:
-                continue
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)

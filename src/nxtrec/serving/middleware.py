@@ -28,6 +28,24 @@ async def send_error(send, status: int, detail: str, headers: dict[str, str] | N
     await send({"type": "http.response.body", "body": body})
 
 
+async def answer_unless_started(app, scope, receive, send, error: type[Exception], answer) -> None:
+    """Run `app`; when it raises `error` (a body limit hit while it read the request) before
+    its response started, send `answer(e)` = (status, detail, headers) instead."""
+    started = False
+
+    async def send_tracking_start(message):
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, send_tracking_start)
+    except error as e:
+        if started:
+            raise
+        await send_error(send, *answer(e))
+
+
 def _header(scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
@@ -112,7 +130,6 @@ class BodyLimit:
             await send_error(send, 413, self._message())
             return
         received = 0
-        started = False
 
         async def receive_limited():
             nonlocal received
@@ -123,17 +140,8 @@ class BodyLimit:
                     raise BodyTooLarge
             return message
 
-        async def send_tracking_start(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive_limited, send_tracking_start)
-        except BodyTooLarge:
-            if started:
-                raise
-            await send_error(send, 413, self._message())
+        await answer_unless_started(self.app, scope, receive_limited, send, BodyTooLarge,
+                                    lambda e: (413, self._message(), None))  # fmt: skip
 
 
 class Shutdown:
@@ -165,7 +173,6 @@ class BodyTimeout:
             return await self.app(scope, receive, send)
         deadline = time.monotonic() + self.timeout_s
         body_done = False
-        started = False
 
         async def receive_with_deadline():
             nonlocal body_done
@@ -190,17 +197,8 @@ class BodyTimeout:
                 if not reading.done():
                     reading.cancel()
 
-        async def send_tracking_start(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive_with_deadline, send_tracking_start)
-        except _BodyNotReceived as e:
-            if started:
-                raise
-            await send_error(send, e.status, e.detail, {"Connection": "close"})
+        await answer_unless_started(self.app, scope, receive_with_deadline, send, _BodyNotReceived,
+                                    lambda e: (e.status, e.detail, {"Connection": "close"}))  # fmt: skip
 
 
 class _BodyNotReceived(Exception):

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from nxtrec.model.image import ImageError, header_decode_bytes, load_image, max_image_bytes, release_free_memory
 from nxtrec.inference.engine import Engine
-from nxtrec.serving.middleware import send_error
+from nxtrec.serving.middleware import answer_unless_started, send_error
 
 # Declared content types taken as "maybe an image"; the bytes decide (422 if they are not).
 # A missing type counts as unknown, not as wrong (curl --data-binary sends none useful).
@@ -173,7 +173,6 @@ class InflightBytes:
                     return
                 reserved = length
                 self.in_flight += reserved
-            started = False
 
             async def receive_counted():
                 nonlocal reserved
@@ -187,17 +186,8 @@ class InflightBytes:
                         self.in_flight += received
                 return message
 
-            async def send_tracking_start(message):
-                nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
-
-            try:
-                await self.app(scope, receive_counted, send_tracking_start)
-            except _OverInflight:
-                if started:
-                    raise
-                await send_error(send, 503, self._message(), {"Retry-After": "1"})
+            await answer_unless_started(self.app, scope, receive_counted, send, _OverInflight,
+                                        lambda e: (503, self._message(), {"Retry-After": "1"}))  # fmt: skip
         finally:
             self.requests -= 1
             self.in_flight -= reserved

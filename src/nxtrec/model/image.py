@@ -75,35 +75,28 @@ class PixelBudgetError(NxtrecError):
 
 
 def max_image_pixels() -> int:
-    """The pixel budget in force: $NXTREC_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`; a value
-    that is not a positive whole number raises PixelBudgetError (one line)."""
-    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not value:
-        return MAX_IMAGE_PIXELS
-    try:
-        budget = int(value.replace("_", ""))
-    except ValueError:
-        budget = 0
-    if budget <= 0:
-        raise PixelBudgetError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive whole number of pixels "
-                               f"(e.g. {MAX_IMAGE_PIXELS}); correct or unset it")
-    return budget
+    """The pixel budget in force: $NXTREC_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`."""
+    return _positive_from_env(MAX_PIXELS_ENV, MAX_IMAGE_PIXELS, "pixels")
 
 
 def max_image_bytes() -> int:
-    """The decode budget in bytes: $NXTREC_MAX_IMAGE_BYTES, else `MAX_IMAGE_BYTES`; a value
-    that is not a positive whole number raises PixelBudgetError (one line), as a bad
-    $NXTREC_MAX_IMAGE_PIXELS does."""
-    value = os.environ.get(MAX_BYTES_ENV, "").strip()
+    """The decode budget in bytes: $NXTREC_MAX_IMAGE_BYTES, else `MAX_IMAGE_BYTES`."""
+    return _positive_from_env(MAX_BYTES_ENV, MAX_IMAGE_BYTES, "bytes")
+
+
+def _positive_from_env(name: str, default: int, unit: str) -> int:
+    """$name as a positive whole number (`_` separators allowed), else `default`; any other
+    value raises PixelBudgetError (one line)."""
+    value = os.environ.get(name, "").strip()
     if not value:
-        return MAX_IMAGE_BYTES
+        return default
     try:
         budget = int(value.replace("_", ""))
     except ValueError:
         budget = 0
     if budget <= 0:
-        raise PixelBudgetError(f"{MAX_BYTES_ENV}={value!r}: expected a positive whole number of bytes "
-                               f"(e.g. {MAX_IMAGE_BYTES}); correct or unset it")
+        raise PixelBudgetError(f"{name}={value!r}: expected a positive whole number of {unit} "
+                               f"(e.g. {default}); correct or unset it")
     return budget
 
 

@@ -163,8 +163,7 @@ def _tag_parts(engine: Engine, items: list[InputItem], fps: list, parts: list[tu
         return
     batches = prefetched_batches(BatchDecoder(items, plan, engine.preprocessing), opts.workers)
     options = opts.decode_options()
-    results = tag_batches(lambda pixels: engine.predict_batch(pixels, options), items, batches, opts.min_prob,
-                          opts.max_labels)  # fmt: skip
+    results = tag_batches(lambda pixels: engine.predict_batch(pixels, options), items, batches, opts.max_labels)
     for number, span in parts:
         part = []
         for result in islice(results, len(span)):

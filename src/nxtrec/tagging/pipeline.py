@@ -39,9 +39,10 @@ def batch_ranges(start: int, end: int, batch_size: int) -> list[range]:
 
 def tag_batches(
     predict_batch: Callable, items: Sequence[InputItem], batches: Iterable[DecodedBatch],
-    min_prob: float = 0.0, max_labels: int | None = None,
+    max_labels: int | None = None,
 ) -> Iterator[TagResult]:  # fmt: skip
-    """One result per input, in input order; `predict_batch(pixels)` gives ranked labels."""
+    """One result per input, in input order; `predict_batch(pixels)` gives ranked labels
+    (already above `min_prob`, a `DecodeOptions` field), at most `max_labels` kept."""
     for batch in batches:
         labels = iter(predict_batch(batch.pixels) if batch.pixels is not None else [])
         for d in batch.items:
@@ -49,7 +50,7 @@ def tag_batches(
             if d.error is not None:
                 yield TagResult(name, None, error=d.error)
             else:
-                yield TagResult(name, keep_labels(next(labels), min_prob, max_labels), d.width, d.height)
+                yield TagResult(name, keep_labels(next(labels), max_labels=max_labels), d.width, d.height)
 
 
 def tag_images(
@@ -61,7 +62,7 @@ def tag_images(
     while the engine runs, read lazily in chunks, and a bad image gives `error` instead of
     raising. Ids are the paths, or positions for bytes and PIL images. Keyword arguments are
     `DecodeOptions`."""
-    decode_options = DecodeOptions.of(top_k=top_k, **options)
+    decode_options = DecodeOptions.of(top_k=top_k, min_prob=min_prob, **options)
 
     def predict(pixels):
         return engine.predict_batch(pixels, decode_options)
@@ -70,5 +71,5 @@ def tag_images(
     while chunk := list(islice(images, CHUNK_IMAGES)):
         items = [InputItem(image_name(im, offset + i), im) for i, im in enumerate(chunk)]
         decoder = BatchDecoder(items, batch_ranges(0, len(items), batch_size), engine.preprocessing)
-        yield from tag_batches(predict, items, prefetched_batches(decoder, num_workers), min_prob, max_labels)
+        yield from tag_batches(predict, items, prefetched_batches(decoder, num_workers), max_labels)
         offset += len(chunk)

@@ -1,10 +1,19 @@
-"""Pointing game for the per-label grounding maps, on held-out synthetic scenes.
+"""Pointing game and discriminative score for the per-label grounding maps, on held-out
+synthetic scenes.
 
 For every held-out scene (`nxtrec synth` keeps each object's box in the sample metadata) the
 model predicts its top-k labels with maps. A predicted label is correct when it names an
-object of the scene (category name, plural or synonym). For each correct label, a hit is a
-map whose maximum patch has its centre inside a box of that object. Baselines: the image
-centre; a uniform random patch (the expected hit rate, computed exactly over the patches).
+object of the scene (category name, plural or synonym).
+- Pointing game: for each correct label, a hit is a map whose maximum patch has its centre
+  inside a box of that object.
+- Discriminative score: over scenes with at least two correct labels of different
+  categories, a hit is a map whose maximum patch lies inside a box of the label's object and
+  outside every box of the objects that the scene's other correct labels name (a map that
+  ignores its label cannot do well on both labels of one scene).
+Baselines: the image centre; a uniform random patch (the expected hit rate, computed exactly
+over the patches); for the discriminative score also "the other label's map": the map of
+another correct label of the same scene (averaged over them), scored as if it were this
+label's, which scores as well as the label's own map when the maps ignore their labels.
 One row per map combination rule (`nxtrec.inference.attention.MAP_RULES`).
 
     python benchmarks/bench_grounding.py --scenes 1000            # bundled model, seed-0 scenes
@@ -73,22 +82,57 @@ def inside(points: np.ndarray, boxes: list[list[int]]) -> np.ndarray:
     return hit
 
 
+def peak_point(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[1, 2]: the centre of the map's maximum patch, in image pixels."""
+    return patch_centres(grid_map.shape, size)[np.unravel_index(np.argmax(grid_map), grid_map.shape)][None]
+
+
+def separates(points: np.ndarray, own: list[list[int]], others: list[list[int]]) -> np.ndarray:
+    """Whether each point lies inside one of `own` and outside all of `others`."""
+    return inside(points, own) & ~inside(points, others)
+
+
 @dataclass
 class Tally:
-    """Counts for one combination rule."""
+    """Counts for one combination rule: the pointing game over every correct label, the
+    discriminative score over the correct labels of scenes with two or more named objects."""
 
     correct: int = 0
     hits: int = 0
     centre: int = 0
     random_patch: float = 0.0
+    contested: int = 0
+    separated: int = 0
+    centre_separated: int = 0
+    random_separated: float = 0.0
+    other_map_separated: float = 0.0
 
-    def add(self, grid_map: np.ndarray, size: tuple[int, int], own_boxes: list[list[int]]) -> None:
+    def add(self, grid_map: np.ndarray, size: tuple[int, int], own: list[list[int]]) -> None:
         self.correct += 1
         points = patch_centres(grid_map.shape, size)
-        peak = np.unravel_index(np.argmax(grid_map), grid_map.shape)
-        self.hits += bool(inside(points[peak][None], own_boxes)[0])
-        self.centre += bool(inside(np.array([[size[0] / 2, size[1] / 2]]), own_boxes)[0])
-        self.random_patch += float(inside(points, own_boxes).mean())
+        self.hits += bool(inside(peak_point(grid_map, size), own)[0])
+        self.centre += bool(inside(np.array([[size[0] / 2, size[1] / 2]]), own)[0])
+        self.random_patch += float(inside(points, own).mean())
+
+    def add_contested(self, grid_map, size, own, others: list[list[int]], other_maps: list[np.ndarray]) -> None:
+        self.contested += 1
+        self.separated += bool(separates(peak_point(grid_map, size), own, others)[0])
+        self.centre_separated += bool(separates(np.array([[size[0] / 2, size[1] / 2]]), own, others)[0])
+        self.random_separated += float(separates(patch_centres(grid_map.shape, size), own, others).mean())
+        self.other_map_separated += float(np.mean([separates(peak_point(m, size), own, others)[0] for m in other_maps]))
+
+
+def score_image(tally: Tally, labels, size: tuple[int, int], boxes: list[dict], names: dict[str, str]) -> None:
+    """Add one image's labels (with maps) to `tally`. The objects a label's map must avoid are
+    those the image's other correct labels name (objects no label names are left out)."""
+    named = [(lab, names[lab.label]) for lab in labels if names.get(lab.label) in {b["object"] for b in boxes}]
+    categories = {cat for _, cat in named}
+    for lab, cat in named:
+        own = [b["box"] for b in boxes if b["object"] == cat]
+        tally.add(lab.map, size, own)
+        if len(categories) >= 2:
+            others = [b["box"] for b in boxes if b["object"] != cat and b["object"] in categories]
+            tally.add_contested(lab.map, size, own, others, [m.map for m, c in named if c != cat])
 
 
 def pointing_game(rec: Recognizer, scenes, k: int, rules: list[str], batch_size: int) -> tuple[dict, int, float]:
@@ -101,17 +145,14 @@ def pointing_game(rec: Recognizer, scenes, k: int, rules: list[str], batch_size:
         batch = scenes[i : i + batch_size]
         with torch.inference_mode():
             image_tokens = rec.model.encode_images(rec.pixels([img for img, _ in batch]).to(rec.device, rec.dtype))
-        branches, recorder = recorded_one_shot(rec.model, image_tokens, rec.prompt_ids, k, rec.tokenizer.delimiter_id,
-                                               rollout="rollout" in rules)
+        delimiter = rec.tokenizer.delimiter_id
+        branches, recorder = recorded_one_shot(rec.model, image_tokens, rec.prompt_ids, k, delimiter, rules=rules)
         for rule in rules:
-            attach_maps(rec.model, branches, recorder, k, rule)
+            attach_maps(rec.model, branches, recorder, k, rule, delimiter)
             for (image, boxes), image_branches in zip(batch, branches):
                 labels = rank_labels(image_branches, rec.tokenizer.decode, "prob", k)
                 predicted += len(labels) if rule == rules[0] else 0
-                for lab in labels:
-                    own = [b["box"] for b in boxes if b["object"] == names.get(lab.label)]
-                    if own:
-                        tallies[rule].add(lab.map, image.size, own)
+                score_image(tallies[rule], labels, image.size, boxes, names)
     return tallies, predicted, time.perf_counter() - start
 
 
@@ -160,12 +201,16 @@ def main() -> None:
     tallies, predicted, seconds = pointing_game(rec, scenes, args.top_k, args.rules, args.batch_size)
     print(f"{len(scenes)} held-out scenes, top-{args.top_k} labels: {predicted} predicted, "
           f"{tallies[args.rules[0]].correct} correct ({seconds:.0f} s)")
-    print("| rule | pointing game | image centre | random patch |")
+    t0 = tallies[args.rules[0]]
+    print(f"discriminative score: {t0.contested} correct labels in scenes with two or more named objects")
+    print("| rule | pointing game | discriminative score | other label's map |")
     print("|---|---|---|---|")
     for rule, t in tallies.items():
-        n = max(t.correct, 1)
-        print(f"| {rule} | {t.hits / n:.3f} | {t.centre / n:.3f} | {t.random_patch / n:.3f} |")
-
+        n, c = max(t.correct, 1), max(t.contested, 1)
+        print(f"| `{rule}` | {t.hits / n:.3f} | {t.separated / c:.3f} | {t.other_map_separated / c:.3f} |")
+    n, c = max(t0.correct, 1), max(t0.contested, 1)
+    print(f"| image centre | {t0.centre / n:.3f} | {t0.centre_separated / c:.3f} | |")
+    print(f"| random patch | {t0.random_patch / n:.3f} | {t0.random_separated / c:.3f} | |")
 
 if __name__ == "__main__":
     main()

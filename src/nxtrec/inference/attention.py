@@ -13,7 +13,9 @@ Two views, both read from the decoder's own queries and keys (an opt-in probe on
   branches, then the branch's own step tokens up to its delimiter). Their attention to the
   image tokens, combined over heads, layers and queries by one of `MAP_RULES`, is the
   label's map over the patch grid (sums to 1). It comes from the same one-shot pass: the
-  prefix runs once, as without maps.
+  prefix runs once, as without maps. The default rule, "logit" (nxtrec.inference.attribution),
+  weighs what the last prompt position read from each image token by the label's own output
+  direction, so the labels of one image get different maps.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from nxtrec.errors import NxtrecError
+from nxtrec.inference.attribution import image_contributions, logit_maps
 from nxtrec.inference.ranking import Branch
 from nxtrec.inference.sampling import one_shot, prefill
 from nxtrec.model.network import NxtpModel
@@ -34,10 +37,13 @@ from nxtrec.model.network import NxtpModel
 # heads): "last": the last decoder layer, all the label's queries; "first": the first layer;
 # "mean": all layers; "tokens": all layers, only the label's own tokens as queries (not the
 # last prompt position, which all labels share; used alone for a label without own tokens);
-# "rollout": attention rollout (Abnar & Zuidema 2020) through the prefix, see `_rollout_map`.
-# The default was picked by the pointing game (benchmarks/bench_grounding.py, README).
-MAP_RULES = ("last", "first", "mean", "tokens", "rollout")
-DEFAULT_MAP_RULE = "rollout"
+# "rollout": attention rollout (Abnar & Zuidema 2020) through the prefix, see `_rollout_map`;
+# "logit": each image token's direct share of the label's first-token logit
+# (nxtrec.inference.attribution). The default was picked by the discriminative score and the
+# pointing game (benchmarks/bench_grounding.py, docs/grounding.md); "rollout" was the default
+# before, and every rule stays selectable (`map_rule`), so earlier maps can be made again.
+MAP_RULES = ("last", "first", "mean", "tokens", "rollout", "logit")
+DEFAULT_MAP_RULE = "logit"
 
 
 class AttentionError(NxtrecError, ValueError):
@@ -57,8 +63,8 @@ class _LayerProbe:
     recorder: object
     layer: int
 
-    def prefix(self, q, k, mask):
-        self.recorder.on_prefix(self.layer, q, k, mask)
+    def prefix(self, q, k, v, mask):
+        self.recorder.on_prefix(self.layer, q, k, v, mask)
 
     def step(self, prefix_probs):
         self.recorder.on_step(self.layer, prefix_probs)
@@ -98,7 +104,7 @@ class ImageBlockRecorder:
         self.layers = set(layers)
         self.blocks: dict[int, torch.Tensor] = {}
 
-    def on_prefix(self, layer, q, k, mask):
+    def on_prefix(self, layer, q, k, v, mask):
         if layer in self.layers:
             p = self.num_image_tokens
             self.blocks[layer] = _softmax_rows(q, k, mask, slice(0, p))[..., :p]
@@ -131,20 +137,34 @@ class GroundingRecorder:
     """Head-averaged attention of every query a label's branch makes to the prefix.
 
     Prefix pass: the last prompt position's row per layer ([B, Lp]); with `rollout`, also the
-    whole head-averaged prefix attention ([B, Lp, Lp]) per layer. Each step: every running
-    branch's row to the prefix per layer; `end_step(active)` says which branches the rows were.
+    whole head-averaged prefix attention ([B, Lp, Lp]) per layer; with `out_projections` (each
+    layer's `attention.wo`, for the "logit" rule), what that position read from each image
+    token, summed over layers ([B, P, dim]). Each step: every running branch's row to the
+    prefix per layer; `end_step(active)` says which branches the rows were.
     """
 
-    def __init__(self, n_layers: int, num_image_tokens: int, rollout: bool = False):
+    def __init__(self, n_layers: int, num_image_tokens: int, rollout: bool = False, out_projections=None):
         self.n_layers = n_layers
         self.num_image_tokens = num_image_tokens
         self.rollout = rollout
+        self.out_projections = out_projections
+        self.contributions: torch.Tensor | None = None
         self.prefix_rows: list[torch.Tensor | None] = [None] * n_layers
         self.prefix_attention: list[torch.Tensor | None] = [None] * n_layers
         self.branch_rows: dict[int, list[torch.Tensor]] = {}  # branch -> [L, Lp] per step
         self._step: list[torch.Tensor | None] = [None] * n_layers
 
-    def on_prefix(self, layer, q, k, mask):
+    @classmethod
+    def for_rules(cls, model: NxtpModel, num_image_tokens: int, rules) -> "GroundingRecorder":
+        """A recorder that keeps what the map rules `rules` need."""
+        wo = [layer.attention.wo for layer in model.language_decoder.layers] if "logit" in rules else None
+        return cls(model.config.decoder.n_layers, num_image_tokens, rollout="rollout" in rules, out_projections=wo)
+
+    def on_prefix(self, layer, q, k, v, mask):
+        if self.out_projections is not None:
+            last = _softmax_rows(q, k, None, slice(-1, None))[:, :, 0]  # [B, H, Lp]
+            c = image_contributions(self.out_projections[layer], last, v, self.num_image_tokens)
+            self.contributions = c if self.contributions is None else self.contributions + c
         if self.rollout:
             full = _softmax_rows(q, k, mask, slice(None)).mean(1)  # [B, S, S]
             self.prefix_attention[layer] = full
@@ -220,23 +240,28 @@ def _check_rule(rule: str) -> None:
 
 
 @torch.inference_mode()
-def recorded_one_shot(model: NxtpModel, image_tokens, prompt_ids, k: int, delimiter_id: int, rollout: bool = False,
-                      **one_shot_kwargs) -> tuple[list[list[Branch]], GroundingRecorder]:
-    """`one_shot` with a `GroundingRecorder` listening (`rollout`: also keep what the rollout
-    rule needs). Maps for any rule then come from `attach_maps`, without running again."""
-    recorder = GroundingRecorder(model.config.decoder.n_layers, image_tokens.shape[1], rollout=rollout)
+def recorded_one_shot(model: NxtpModel, image_tokens, prompt_ids, k: int, delimiter_id: int,
+                      rules=(DEFAULT_MAP_RULE,), **one_shot_kwargs) -> tuple[list[list[Branch]], GroundingRecorder]:
+    """`one_shot` with a `GroundingRecorder` listening, keeping what the map rules `rules`
+    need. Maps for those rules then come from `attach_maps`, without running again."""
+    recorder = GroundingRecorder.for_rules(model, image_tokens.shape[1], rules)
     with recording(model, recorder):
         branches = one_shot(model, image_tokens, prompt_ids, k, delimiter_id, recorder=recorder, **one_shot_kwargs)
     return branches, recorder
 
 
-def attach_maps(model: NxtpModel, branches: list[list[Branch]], recorder: GroundingRecorder, k: int, rule: str) -> None:
+@torch.inference_mode()
+def attach_maps(model: NxtpModel, branches: list[list[Branch]], recorder: GroundingRecorder, k: int, rule: str,
+                delimiter_id: int) -> None:  # fmt: skip
     """Set every branch's `map`: [rows, cols] float32 over the patch grid, sums to 1."""
     _check_rule(rule)
-    if rule == "rollout" and not recorder.rollout:
-        raise AttentionError("the rollout rule needs a recorder made with rollout=True")
+    if (rule == "rollout" and not recorder.rollout) or (rule == "logit" and recorder.contributions is None):
+        raise AttentionError(f"the {rule} rule needs a recorder made for it (GroundingRecorder.for_rules)")
     shape = grid_shape(model)
     for image, image_branches in enumerate(branches):
+        if rule == "logit":
+            _attach_logit_maps(model, image_branches, recorder.contributions[image], delimiter_id)
+            continue
         rollout = recorder.prefix_rollout(image) if rule == "rollout" else None
         for j, br in enumerate(image_branches):
             # A branch's queries are the positions whose next-token distributions gave its
@@ -244,11 +269,20 @@ def attach_maps(model: NxtpModel, branches: list[list[Branch]], recorder: Ground
             br.map = recorder.branch_map(image * k + j, image, len(br.probs), rule, rollout).reshape(shape)
 
 
+def _attach_logit_maps(model: NxtpModel, branches: list[Branch], contributions: torch.Tensor, delimiter_id: int) -> None:
+    """The "logit" rule for one image's branches, from the token each branch started with."""
+    dec = model.language_decoder
+    first = [br.tokens[0] if br.tokens else delimiter_id for br in branches]
+    maps = logit_maps(contributions, dec.output, dec.norm.weight, first).cpu().numpy().astype(np.float64)
+    for br, m in zip(branches, maps):
+        br.map = _normalise(m).reshape(grid_shape(model))
+
+
 def grounded_one_shot(model: NxtpModel, image_tokens, prompt_ids, k: int, delimiter_id: int,
                       rule: str = DEFAULT_MAP_RULE, **one_shot_kwargs) -> list[list[Branch]]:
     """`one_shot` that also gives every branch its map over the patch grid, combined by `rule`."""
     _check_rule(rule)
-    branches, recorder = recorded_one_shot(model, image_tokens, prompt_ids, k, delimiter_id,
-                                           rollout=rule == "rollout", **one_shot_kwargs)
-    attach_maps(model, branches, recorder, k, rule)
+    branches, recorder = recorded_one_shot(model, image_tokens, prompt_ids, k, delimiter_id, rules=(rule,),
+                                           **one_shot_kwargs)  # fmt: skip
+    attach_maps(model, branches, recorder, k, rule, delimiter_id)
     return branches

@@ -113,7 +113,7 @@ class Attention(nn.Module):
         """Whole sequence. Returns the output and this layer's keys/values [B, H, S, D]."""
         q, k, v = self.qkv(x, cos, sin)
         if self.probe is not None:
-            self.probe.prefix(q, k, mask)
+            self.probe.prefix(q, k, v, mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).flatten(2)), (k, v)
 

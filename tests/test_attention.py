@@ -12,7 +12,7 @@ from PIL import Image
 from nxtrec.cli.main import main
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.attention import MAP_RULES, GroundingRecorder, image_attention, recording
-from nxtrec.inference.heatmaps import attention_grid
+from nxtrec.inference.heatmaps import SCALE_WIDTH, attention_grid
 from nxtrec.inference.ranking import Branch, rank_labels
 from nxtrec.inference.recognizer import Recognizer
 from nxtrec.inference.sampling import one_shot
@@ -201,12 +201,13 @@ def test_predict_maps_cli_writes_overlays_and_grids(tiny_model_dir, tmp_path, ca
     saved = json.loads((out / "photo" / "maps.json").read_text())
     assert [x["label"] for x in saved["labels"]] == [x["label"] for x in printed["labels"]]
     assert all("map" not in x for x in printed["labels"])  # grids go to files, not to stdout
-    pngs = sorted((out / "photo").glob("*.png"))
+    pngs = sorted((out / "photo").glob("[0-9][0-9]_*.png"))
     assert len(pngs) == len(saved["labels"]) >= 1
+    assert Image.open(out / "photo" / "sheet.png").width > 2 * 336  # the image and every label side by side
     for entry in saved["labels"]:
         grid = np.array(entry["map"])
         assert list(grid.shape) == saved["grid"] and abs(grid.sum() - 1) < 1e-4
-    assert Image.open(pngs[0]).size == (336, 336)
+    assert Image.open(pngs[0]).size == (336 + SCALE_WIDTH, 336)  # the overlay and its colour scale
     assert main(["predict", str(img), "--model", str(tiny_model_dir), "--sampler", "greedy", "--maps", str(out)]) == 2
 
 

@@ -1,6 +1,7 @@
-"""`nxtrec attention IMAGE --layer L|all --head H|all --out FILE.png`: the reference's view of
-the decoder's attention among the image tokens in the prefix pass (a grid of per-token maps),
-with the raw [P, P] array beside each picture as .npy."""
+"""`nxtrec attention IMAGE --layer L|all --head H|all [--patch R,C] --out FILE.png`: the
+reference's view of the decoder's attention among the image tokens in the prefix pass (a grid
+of per-token maps, titled with its layer and head; or, with --patch, one patch's map over the
+image), with the raw [P, P] array beside each picture as .npy."""
 
 from __future__ import annotations
 
@@ -19,10 +20,23 @@ def register(sub) -> None:
     p.add_argument("--head", default="0", help="attention head, counted from 0, or 'all' (default 0)")
     p.add_argument("--out", required=True, help="output PNG; FILE.npy is written beside it. With 'all', "
                    "one pair per layer and head: FILE_layerL_headH.png/.npy")
+    p.add_argument("--patch", type=patch_position, metavar="R,C",
+                   help="draw where image patch (row R, column C, from 0) looks, over the image itself, "
+                        "instead of the grid of every patch's map (the .npy is the whole block either way)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no note on stderr about the bundled demo model, no loading line")
     p.set_defaults(func=run)
+
+
+def patch_position(value: str) -> tuple[int, int]:
+    """'R,C' -> (R, C), two numbers from 0."""
+    import argparse
+
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected ROW,COLUMN (two numbers from 0, e.g. 3,4), got {value!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _indices(value: str, count: int, option: str) -> list[int]:
@@ -57,11 +71,23 @@ def output_paths(out: str, layer: int, head: int, single: bool) -> tuple[Path, P
     return base.with_suffix(".png"), base.with_suffix(".npy")
 
 
+def picture(args, block, grid: tuple[int, int], layer: int, head: int):
+    """The grid of every patch's map, or with --patch that patch's map over the image; titled."""
+    from nxtrec.inference.heatmaps import attention_grid, patch_attention, titled
+    from nxtrec.model.image import load_image
+
+    if args.patch:
+        r, c = args.patch
+        title = f"layer {layer}, head {head}: patch ({r}, {c})"
+        return patch_attention(load_image(args.image), block[r * grid[1] + c], grid, (r, c), title)
+    return titled(attention_grid(block, grid), f"layer {layer}, head {head}: each patch's attention over the image patches")
+
+
 def run(args) -> int:
     import numpy as np
 
+    from nxtrec.errors import NxtrecError
     from nxtrec.inference.attention import grid_shape, image_attention
-    from nxtrec.inference.heatmaps import attention_grid
     from nxtrec.inference.recognizer import Recognizer
 
     layers, heads = selected(args)  # out of range: an error before the weights load
@@ -71,6 +97,10 @@ def run(args) -> int:
     dec = rec.config.decoder
     if not layers:  # config.json was not readable before loading
         layers, heads = _indices(args.layer, dec.n_layers, "--layer"), _indices(args.head, dec.n_heads, "--head")
+    grid = grid_shape(rec.model)
+    if args.patch and not (args.patch[0] < grid[0] and args.patch[1] < grid[1]):
+        raise NxtrecError(f"--patch {args.patch[0]},{args.patch[1]}: the image has {grid[0]} x {grid[1]} patches "
+                          f"(rows and columns from 0 to {grid[0] - 1} and {grid[1] - 1})")
     blocks = image_attention(rec.model, rec.pixels([args.image]).to(rec.device), rec.prompt_ids, layers)
     single = len(layers) == len(heads) == 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +109,7 @@ def run(args) -> int:
             png, npy = output_paths(args.out, layer, head, single)
             block = blocks[layer][head]
             np.save(npy, block)
-            attention_grid(block, grid_shape(rec.model)).save(png)
+            picture(args, block, grid, layer, head).save(png)
             print(f"layer {layer} head {head}: {png} {npy}")
     sys.stdout.flush()
     return 0

@@ -24,7 +24,7 @@ def weight_rows(linear, rows: torch.Tensor) -> torch.Tensor:
     (`weight()` a per-channel quantised tensor; only the rows asked for are dequantised)."""
     w = linear.weight() if callable(linear.weight) else linear.weight
     if w.is_quantized:
-        scale, zero = w.q_per_channel_scales()[rows, None], w.q_per_channel_zero_points()[rows, None]
+        scale, zero = w.q_per_channel_scales()[rows, None].float(), w.q_per_channel_zero_points()[rows, None].float()
         return (w.int_repr()[rows].float() - zero) * scale
     return w[rows].float()
 

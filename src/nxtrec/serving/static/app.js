@@ -73,7 +73,7 @@ function labelRow(card, label) {
   prob.textContent = label.prob.toFixed(4);
   row.append(name, bar, prob);
   if (label.map) {
-    row.addEventListener("mouseenter", () => drawHeatMap(card, label.map));
+    row.addEventListener("mouseenter", () => drawHeatMap(card, label));
     row.addEventListener("mouseleave", () => clearHeatMap(card));
   }
   return row;
@@ -95,26 +95,84 @@ function applyThreshold() {
 }
 
 // The model sees the center square of the image (shorter side resized, then center-cropped):
-// the grid covers that square of the displayed picture.
-function drawHeatMap(card, grid) {
+// the grid covers that square of the displayed picture. Drawn as nxtrec.inference.heatmaps
+// draws its overlays: the picture at full brightness, the min-max normalised grid upsampled
+// bilinearly as a heat layer whose colour and opacity grow with the value, a contour at half
+// the peak, the label and probability written on it, and the colour scale at its right edge.
+const HEAT = ["#2c7bb6", "#00a6ca", "#00ccbc", "#90eb9d", "#ffff8c", "#f9d057", "#f29e2e", "#e76818", "#d7191c"]
+  .map((c) => [1, 3, 5].map((i) => parseInt(c.slice(i, i + 2), 16)));
+
+function heatColour(v) {
+  const pos = Math.min(Math.max(v, 0), 1) * (HEAT.length - 1);
+  const lo = Math.min(Math.floor(pos), HEAT.length - 2), t = pos - lo;
+  return HEAT[lo].map((a, i) => a * (1 - t) + HEAT[lo + 1][i] * t);
+}
+
+// Bilinear upsampling of a rows x cols grid to side x side pixels (pixel centres aligned).
+function upsample(norm, rows, cols, side) {
+  const out = new Float32Array(side * side);
+  for (let y = 0; y < side; y++) {
+    const gy = Math.min(Math.max((y + 0.5) * rows / side - 0.5, 0), rows - 1);
+    const r0 = Math.floor(gy), r1 = Math.min(r0 + 1, rows - 1), ty = gy - r0;
+    for (let x = 0; x < side; x++) {
+      const gx = Math.min(Math.max((x + 0.5) * cols / side - 0.5, 0), cols - 1);
+      const c0 = Math.floor(gx), c1 = Math.min(c0 + 1, cols - 1), tx = gx - c0;
+      const top = norm[r0][c0] * (1 - tx) + norm[r0][c1] * tx;
+      const bottom = norm[r1][c0] * (1 - tx) + norm[r1][c1] * tx;
+      out[y * side + x] = top * (1 - ty) + bottom * ty;
+    }
+  }
+  return out;
+}
+
+function heatLayer(ctx, grid, side) {
+  const flat = grid.flat(), low = Math.min(...flat), high = Math.max(...flat);
+  const norm = grid.map((row) => row.map((v) => (v - low) / (high - low + 1e-6)));
+  const values = upsample(norm, grid.length, grid[0].length, side);
+  const image = ctx.createImageData(side, side);
+  const above = (x, y) => x >= 0 && y >= 0 && x < side && y < side && values[y * side + x] >= 0.5;
+  for (let i = 0; i < side * side; i++) {
+    const x = i % side, y = (i - x) / side, v = values[i];
+    const near = [above(x - 2, y), above(x + 2, y), above(x, y - 2), above(x, y + 2)];
+    const inner = above(x, y) && !near.every(Boolean), outer = !above(x, y) && near.some(Boolean);
+    const [r, g, b] = inner ? [255, 255, 255] : outer ? [0, 0, 0] : heatColour(v);
+    image.data.set([r, g, b, Math.round(255 * (inner || outer ? 1 : 0.7 * v ** 1.5))], 4 * i);
+  }
+  return { image, low, high };
+}
+
+function drawHeatMap(card, label) {
   const img = card.querySelector("img");
   const canvas = card.querySelector("canvas");
   const scale = window.devicePixelRatio || 1;
   canvas.width = img.clientWidth * scale;
   canvas.height = img.clientHeight * scale;
   const ctx = canvas.getContext("2d");
-  const side = Math.min(canvas.width, canvas.height);
-  const x0 = (canvas.width - side) / 2, y0 = (canvas.height - side) / 2;
-  const rows = grid.length, cols = grid[0].length;
-  const peak = Math.max(...grid.flat()) || 1;
-  ctx.fillStyle = "rgba(0, 0, 0, 0.35)";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < cols; c++) {
-      ctx.fillStyle = `rgba(255, 80, 0, ${(0.8 * grid[r][c] / peak).toFixed(3)})`;
-      ctx.fillRect(x0 + (c * side) / cols, y0 + (r * side) / rows, side / cols + 0.5, side / rows + 0.5);
-    }
+  const side = Math.round(Math.min(canvas.width, canvas.height));
+  const x0 = Math.round((canvas.width - side) / 2), y0 = Math.round((canvas.height - side) / 2);
+  const { image, low, high } = heatLayer(ctx, label.map, side);
+  ctx.putImageData(image, x0, y0);
+  const bar = Math.max(8, side / 30), top = y0 + side * 0.15, height = side * 0.7, left = x0 + side - bar - 4;
+  for (let i = 0; i < height; i++) {
+    ctx.fillStyle = `rgb(${heatColour(1 - i / height).join(",")})`;
+    ctx.fillRect(left, top + i, bar, 1.5);
   }
+  ctx.font = `${Math.round(11 * scale)}px sans-serif`;
+  ctx.textAlign = "right";
+  ctx.lineWidth = 3 * scale;
+  for (const [text, y] of [[`${(100 * high).toFixed(1)}%`, top + 4 * scale], [`${(100 * low).toFixed(1)}%`, top + height]]) {
+    ctx.strokeStyle = "black";
+    ctx.strokeText(text, left - 3, y);
+    ctx.fillStyle = "white";
+    ctx.fillText(text, left - 3, y);
+  }
+  ctx.textAlign = "left";
+  const title = `${label.label}  ${label.prob.toFixed(3)}`;
+  ctx.font = `${Math.round(13 * scale)}px sans-serif`;
+  ctx.fillStyle = "black";
+  ctx.fillRect(x0 + 4, y0 + 4, ctx.measureText(title).width + 10 * scale, 20 * scale);
+  ctx.fillStyle = "white";
+  ctx.fillText(title, x0 + 4 + 5 * scale, y0 + 4 + 15 * scale);
 }
 
 function clearHeatMap(card) {

@@ -3,14 +3,17 @@
 import random
 
 import numpy as np
+import torch
+from conftest import tiny_model
 from PIL import Image
 
 from nxtrec.cli.main import main
 from nxtrec.data.synth import CATEGORIES, background, glyph_image
-from nxtrec.inference.attention import DEFAULT_MAP_RULE
+from nxtrec.inference.attention import DEFAULT_MAP_RULE, grounded_one_shot
 from nxtrec.inference.heatmaps import SCALE_WIDTH, label_sheet, model_view, overlay
 from nxtrec.inference.ranking import Label
 from nxtrec.inference.recognizer import Recognizer
+from nxtrec.model.masks import inference_mask
 
 SIZE = 224
 # A dress top left, a peach bottom right, on the seed-0 background: the bundled model names both.
@@ -81,3 +84,55 @@ def test_attention_patch_draws_one_patch_over_the_image(tiny_model_dir, tmp_path
     assert f"--patch {cols},0" in capsys.readouterr().err
     assert main([*base, "--patch", "1", "--out", str(tmp_path / "q.png")]) == 2
     assert "ROW,COLUMN" in capsys.readouterr().err
+
+
+def _rotate(x, theta):
+    """Meta's rotary embedding over positions 0..S-1 of x [S, H, D], with complex numbers."""
+    s, d = x.shape[0], x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    rot = torch.polar(torch.ones(s, d // 2), torch.outer(torch.arange(s).float(), freqs))
+    return torch.view_as_real(torch.view_as_complex(x.float().reshape(s, -1, d // 2, 2)) * rot[:, None]).flatten(-2)
+
+
+def _independent_logit_map(model, image_tokens, prompt_ids, token: int) -> np.ndarray:
+    """sum over layers and heads of a[last, j] * (g * w_token) . W_o^h v[j], from each layer's
+    input: the last prompt position attends to every prefix token, so no mask is needed."""
+    dec, cfg, p = model.language_decoder, model.language_decoder.cfg, image_tokens.shape[1]
+    inputs = []
+    hooks = [layer.attention.register_forward_pre_hook(lambda m, args: inputs.append(args[0][0])) for layer in dec.layers]
+    with torch.inference_mode():
+        h = model.prefix_embeddings(image_tokens, prompt_ids)
+        dec(h, inference_mask(h.shape[1], p))
+        for hook in hooks:
+            hook.remove()
+        direction = dec.output.weight[token] * dec.norm.weight
+        total = torch.zeros(p, dtype=torch.float64)
+        for layer, x in zip(dec.layers, inputs):
+            att, shape = layer.attention, (x.shape[0], cfg.n_heads, cfg.head_dim)
+            q, k = _rotate(att.wq(x).view(shape), cfg.rope_theta), _rotate(att.wk(x).view(shape), cfg.rope_theta)
+            v = att.wv(x).view(shape)
+            a = (torch.einsum("hd,khd->hk", q[-1], k) / cfg.head_dim**0.5).softmax(-1)  # [H, S]
+            wo = att.wo.weight.view(cfg.dim, cfg.n_heads, cfg.head_dim)
+            per_head = torch.einsum("ehd,jhd->jhe", wo, v[:p])  # W_o^h v[j]: [P, H, dim]
+            total += torch.einsum("hj,jhe,e->j", a[:, :p], per_head, direction).double()
+    m = total.clamp(min=0).numpy()
+    return m / m.sum()
+
+
+def test_logit_maps_equal_an_independent_attribution(tokenizer):
+    model = tiny_model(tokenizer, n_layers=2, seed=7)
+    rec = Recognizer(model, tokenizer)
+    size = model.config.encoder.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        image_tokens = model.encode_images(pixels)
+        branches = grounded_one_shot(model, image_tokens, rec.prompt_ids, 4, tokenizer.delimiter_id, rule="logit")
+    checked = 0
+    for image in range(2):
+        for br in branches[image]:
+            if not br.tokens:
+                continue
+            expected = _independent_logit_map(model, image_tokens[image : image + 1], rec.prompt_ids, br.tokens[0])
+            assert np.abs(br.map.reshape(-1) - expected).max() < 1e-4
+            checked += 1
+    assert checked >= 4

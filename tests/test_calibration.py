@@ -19,7 +19,12 @@ from datagen import write_image
 from nxtrec.cli.main import main
 from nxtrec.evaluation.calibration import ece, fit_calibration, profile_thresholds
 from nxtrec.evaluation.correctness import exact_matches, normalise, synonym_table
-from nxtrec.inference.calibration import CALIBRATION_FILE, CalibrationError, calibration_for, read_calibration
+from nxtrec.inference.calibration import (
+    CALIBRATION_FILE,
+    CalibrationError,
+    calibration_for,
+    read_calibration,
+)
 from nxtrec.inference.recognizer import Recognizer
 from nxtrec.inference.vocab import LabelList
 
@@ -101,8 +106,8 @@ def calibrated(tiny_model_dir, tmp_path_factory):
     return model, images, root
 
 
-def test_calibrate_writes_the_file_and_its_diagram(calibrated, tiny_model_dir, capsys):
-    model, _, root = calibrated
+def test_calibrate_writes_the_file_and_its_diagram(calibrated):
+    model, _, _ = calibrated
     record = json.loads((model / CALIBRATION_FILE).read_text())
     assert record["format"] == "nxtrec-calibration" and record["method"] in ("isotonic", "platt")
     assert record["n"] == 150 and record["data"]["images"] == 30 and len(record["data"]["digest"]) == 64
@@ -169,10 +174,10 @@ def test_verify_checks_the_calibration_and_catches_damage(calibrated, tmp_path, 
 def test_tag_records_confidence_and_the_thresholds_in_its_manifest(calibrated, tmp_path):
     import duckdb
 
-    model, images, root = calibrated
+    model, _, root = calibrated
     out = tmp_path / "tags"
     proc = subprocess.run([*NXTREC, "tag", str(root / "images"), "--out", str(out), "--model", str(model),
-                           "--top-k", "5", "--profile", "balanced", "--workers", "1"], capture_output=True, text=True)  # fmt: skip
+                           "--top-k", "5", "--profile", "balanced", "--workers", "1"], capture_output=True, text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     confidence = manifest["settings"]["options"]["confidence"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
-from nxtrec.cli.notices import loading
 from nxtrec.cli.metric_options import add_match_arguments
+from nxtrec.cli.notices import loading
 from nxtrec.cli.options import device, non_negative_int, positive_int
 from nxtrec.errors import NxtrecError
+
 
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit a calibrated confidence for a model's labels on validation data "
@@ -44,8 +44,13 @@ def run(args) -> int:
 
     from nxtrec.data.loader import build_loader
     from nxtrec.engines import load_engine
+    from nxtrec.evaluation.calibration import (
+        Bin,
+        bins_table,
+        fit_calibration,
+        reliability_bins,
+    )
     from nxtrec.evaluation.correctness import right_labels
-    from nxtrec.evaluation.calibration import Bin, bins_table, fit_calibration, reliability_bins
     from nxtrec.evaluation.evaluate import predict_records
     from nxtrec.evaluation.reliability import write_reliability_diagram
     from nxtrec.extras import require

@@ -22,7 +22,7 @@ def add_match_arguments(p) -> None:
                    help="when a label counts as right: 'exact', equal to a ground-truth label after normalisation "
                         "(case, plural, --synonyms); 'semantic', MiniLM cosine >= 0.75")
     p.add_argument("--synonyms", metavar="FILE", type=existing_file,
-                   help="a tag list ('name | synonym' per line, as --vocab; default: --vocab's): forms of one entry "
+                   help="a tag list ('name | synonym' per line, as --vocab; eval: default its --vocab): forms of one entry "
                         "match each other")
 
 

@@ -151,7 +151,7 @@ def fit_calibration(probs, correct, groups, model_digest: str, info: dict | None
     params = fit_map(method, probs, correct)
     conf = apply_map(method, params, probs)
     profiles = profile_thresholds(conf, correct)
-    record = {**(info or {}), "n": int(len(probs)), "n_images": int(len(np.unique(groups))),
+    record = {**(info or {}), "n": len(probs), "n_images": len(np.unique(groups)),
               "right": int(correct.sum()), "signal": "prob", "ece_bins": N_BINS,
               "ece_raw": round(ece(probs, correct), 6), "ece_calibrated": round(cv_ece[method], 6),
               "cv": {"folds": CV_FOLDS, "seed": SEED, "ece": {m: round(v, 6) for m, v in cv_ece.items()}},

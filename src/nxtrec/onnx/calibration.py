@@ -10,7 +10,13 @@ import os
 import shutil
 from pathlib import Path
 
-from nxtrec.inference.calibration import CALIBRATION_FILE, Calibration, CalibrationError, calibration_for, model_digest
+from nxtrec.inference.calibration import (
+    CALIBRATION_FILE,
+    Calibration,
+    CalibrationError,
+    calibration_for,
+    model_digest,
+)
 from nxtrec.onnx.format import MANIFEST
 from nxtrec.onnx.integrity import sha256_file
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nxtrec.inference.calibration import Calibration, calibration_for, confidence_settings
+from nxtrec.inference.calibration import (
+    Calibration,
+    calibration_for,
+    confidence_settings,
+)
 
 
 def job_calibration(model: str | None, onnx: str | None, file: str | None) -> Calibration | None:

@@ -47,9 +47,10 @@ def copy_calibration(model_dir: str | Path, out_dir: str | Path) -> Calibration 
 
 def export_calibration(path: Path, manifest: dict | None, file: str | Path | None = None) -> Calibration | None:
     """The calibration of an ONNX export: `file`, else the one the manifest records (its
-    SHA-256 checked), else None. Either must be the exported model's (its digest)."""
+    SHA-256 checked), else None (also for `file=False`). Either must be the exported model's
+    (its digest)."""
     recorded = (manifest or {}).get("calibration")
-    if file is None and recorded is None:
+    if file is False or (file is None and recorded is None):  # False: none wanted
         return None
     digest = (manifest or {}).get("model_digest")
     if digest is None:

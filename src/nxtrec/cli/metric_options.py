@@ -14,3 +14,25 @@ def add_embedder_arguments(p) -> None:
     p.add_argument("--metric-max-tokens", type=int, choices=[128, 512], default=512,
                    help="MiniLM's word-piece limit: 512 as the reference's evaluation (default), or 128, its metric "
                         "class's default (only labels over 128 pieces differ)")
+
+
+def add_match_arguments(p) -> None:
+    """`--match`, `--synonyms`: when a label counts as right (nxtrec.evaluation.correctness)."""
+    p.add_argument("--match", default="exact", choices=["exact", "semantic"],
+                   help="when a label counts as right: 'exact', equal to a ground-truth label after normalisation "
+                        "(case, plural, --synonyms); 'semantic', MiniLM cosine >= 0.75")
+    p.add_argument("--synonyms", metavar="FILE", type=existing_file,
+                   help="a tag list ('name | synonym' per line, as --vocab; eval: default its --vocab): forms of one entry "
+                        "match each other")
+
+
+def calibration_lines(report: dict) -> str:
+    """The ECE of the labels' prob (and confidence), with the per-bin table."""
+    from nxtrec.evaluation.calibration import Bin, bins_table
+
+    names = [n for n in ("prob", "confidence") if n in report]
+    lines = [f"calibration ({report['match']} match): {report['right']} of {report['labels']} labels right; "
+             + ", ".join(f"ECE of {n} {report[n]['ece']:.4f}" for n in names)]
+    for n in names:
+        lines += [f"{n}:", bins_table([Bin(**b) for b in report[n]["bins"]])]
+    return "\n".join(lines)

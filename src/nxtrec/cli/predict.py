@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from nxtrec.cli.confidence_options import add_confidence_arguments, check_engine_confidence, confidence_kwargs
 from nxtrec.cli.notices import DEMO_NOTICE, demo_notice, loading  # noqa: F401 (DEMO_NOTICE: imported from here too)
 from nxtrec.cli.options import (
     device,
@@ -52,6 +53,7 @@ def register(sub) -> None:
     p.add_argument("--max-pixels", type=positive_int,
                    help=f"refuse images with more pixels (default {MAX_IMAGE_PIXELS}; NXTREC_MAX_IMAGE_PIXELS)")
     add_vocab_arguments(p)
+    add_confidence_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -64,7 +66,8 @@ def print_result(path: str, labels: list[dict], as_json: bool) -> None:
     else:
         print(_one_line(path))
         for item in labels:
-            print(f"  {item['prob']:.5f}  {_one_line(item['label'])}")
+            conf = f"  (confidence {item['confidence']:.3f})" if "confidence" in item else ""
+            print(f"  {item['prob']:.5f}  {_one_line(item['label'])}{conf}")
     sys.stdout.flush()
 
 
@@ -84,7 +87,7 @@ def decode_options(args):
     from nxtrec.inference.engine import DecodeOptions
 
     options = DecodeOptions(top_k=args.top_k, extra_k=args.extra_k, sampler=args.sampler, ranking=args.ranking,
-                            maps=bool(args.maps), **vocab_kwargs(args))  # fmt: skip
+                            maps=bool(args.maps), **vocab_kwargs(args), **confidence_kwargs(args))  # fmt: skip
     if args.sampler == "beam":
         return DecodeOptions.of(options, beam_size=args.beam_size)
     if args.sampler == "greedy":
@@ -113,8 +116,9 @@ def run(args) -> int:
         check_onnx_dir(args.onnx, args.verify)
     quiet = args.quiet or args.json
     with loading("predict", args.model, args.onnx, quiet=quiet):
-        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype)
+        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype, calibration=args.calibration)
     check_top_k(options, engine.vocab_size)
+    check_engine_confidence(engine, options)
     demo_notice(args.model, args.onnx, quiet=quiet)
     failed = 0
     for path, labels, error in predict_files(engine, paths, options, args.batch_size, each=_map_writer(args)):

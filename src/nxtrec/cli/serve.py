@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from nxtrec.cli.confidence_options import add_confidence_arguments, check_engine_confidence, confidence_kwargs
 from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import (
     device,
@@ -51,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p, compat=False)
+    add_confidence_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -77,13 +79,14 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"nxtrec serve: warning: listening on {args.host} without an API key (--api-key or ${API_KEY_ENV})",
               file=sys.stderr)
-    options = DecodeOptions(**vocab_kwargs(args))
+    options = DecodeOptions(**vocab_kwargs(args), **confidence_kwargs(args))
     options.check(capabilities_of(onnx=bool(args.onnx)))
     demo_notice(args.model, args.onnx, quiet=args.quiet)  # GET /v1/info tells the web page ("demo")
     with loading("serve", args.model, args.onnx, quiet=args.quiet):
         engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype,
-                                      processes=args.processes)  # fmt: skip
+                                      processes=args.processes, calibration=args.calibration)  # fmt: skip
     try:
+        check_engine_confidence(engine, options)
         print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
         app = create_app(engine, config, options)
         signalled = _serve(app, args)

@@ -13,6 +13,7 @@ from nxtrec.cli.options import (
     positive_float,
     positive_int,
 )
+from nxtrec.cli.confidence_options import add_confidence_arguments
 from nxtrec.cli.vocab_options import add_vocab_arguments
 
 
@@ -59,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--verify", action="store_true",
                    help="with --onnx: check every file's SHA-256 against the export manifest first")
     add_vocab_arguments(p)
+    add_confidence_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -6,6 +6,8 @@
   quantize`) also every tensor's dtype and every scale and zero point;
 - ONNX export (`nxtrec-onnx.json`): every file's size and SHA-256 against the manifest, and
   the embedding table;
+- a calibration (calibration.json, `nxtrec calibrate`) in either: its values, and that it was
+  fitted for this model (the model's digest);
 - training checkpoint (`ckpt-STEP/`) or run directory (`checkpoints/`): each checkpoint's
   tensors and state are read, its tensors float and finite.
 
@@ -34,12 +36,16 @@ def verify_dir(path: Path) -> str:
 
         manifest = read_manifest(path)
         n = check_hashes(path, manifest)
+        from nxtrec.onnx.calibration import export_calibration
+
         table = load_embeddings(path / manifest.get("files", {}).get("embeddings", "embeddings.npy"))
-        return f"ONNX export: {n} files match their size and SHA-256, embeddings {table.shape[0]}x{table.shape[1]}"
+        return (f"ONNX export: {n} files match their size and SHA-256, embeddings {table.shape[0]}x{table.shape[1]}"
+                + calibration_note(export_calibration(path, manifest)))
     if (path / "config.json").is_file():
+        from nxtrec.inference.calibration import calibration_for
         from nxtrec.model.directory import verify_model_dir
 
-        return f"model directory: {verify_model_dir(path)}"
+        return f"model directory: {verify_model_dir(path)}" + calibration_note(calibration_for(path))
     from nxtrec.model.files import check_weights
     from nxtrec.training.checkpoint import STATE_FILE, checkpoint_dirs, read_checkpoint
 
@@ -53,6 +59,16 @@ def verify_dir(path: Path) -> str:
             check_weights(read_checkpoint(ckpt)[0], str(ckpt))
         return f"run directory: {len(ckpts)} checkpoints readable (steps {', '.join(str(s) for s, _ in ckpts)})"
     raise NxtrecError(f"{path}: not a model directory, ONNX export, checkpoint or run directory")
+
+
+def calibration_note(calibration) -> str:
+    """", calibration.json: ..." when the folder has a calibration (read and checked: its
+    values, and that it is this model's)."""
+    if calibration is None:
+        return ""
+    return (f", {calibration.source.rsplit('/', 1)[-1]}: this model's, {calibration.method}, "
+            f"{calibration.record.get('n')} labels, ECE {calibration.record.get('ece_raw')} -> "
+            f"{calibration.record.get('ece_calibrated')}")
 
 
 def run(args) -> int:

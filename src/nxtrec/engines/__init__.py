@@ -9,22 +9,23 @@ from nxtrec.inference.engine import Capabilities, Engine
 
 
 def load_engine(model: str | None = None, onnx: str | None = None, device: str = "cpu", dtype: str = "float32",
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, calibration: str | None = None) -> Engine:
     """A model directory (None: the bundled default model) on PyTorch, or an exported ONNX
     directory on ONNX Runtime, which runs on the CPU in the export's own dtype. `threads`:
-    the engine's CPU threads (default: its own choice)."""
+    the engine's CPU threads (default: its own choice). `calibration`: a calibration file
+    (default: the model's own, when it has one; nxtrec.inference.calibration)."""
     check_engine_choice(model, onnx, device, dtype)
     if onnx:
         from nxtrec.onnx.recognizer import OnnxRecognizer
 
-        return OnnxRecognizer(onnx, threads=threads)
+        return OnnxRecognizer(onnx, threads=threads, calibration=calibration)
     from nxtrec.inference.recognizer import Recognizer
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return Recognizer.from_pretrained(model, device=device, dtype=dtype)
+    return Recognizer.from_pretrained(model, device=device, dtype=dtype, calibration=calibration)
 
 
 def check_engine_choice(model: str | None, onnx: str | None, device: str = "cpu", dtype: str = "float32") -> None:

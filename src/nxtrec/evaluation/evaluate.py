@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from nxtrec.distributed import RankInfo, current_ranks, setup_distributed
+from nxtrec.evaluation.calibration import Bin, confidence_report
+from nxtrec.evaluation.correctness import right_labels
 from nxtrec.evaluation.metric import Summary, format_table, score_records
+from nxtrec.evaluation.reliability import write_reliability_diagram
 from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.model.embedders import MAX_TOKENS, build_embedder
 
@@ -124,7 +127,8 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
              device="cpu", dtype="float32", limit=None, num_workers=1, progress=True, clip_file=None,
              clip_vocab=None, max_tokens=MAX_TOKENS, predict_kwargs=None,
              skipped: dict | None = None, load: Callable[[str], Engine] | None = None,
-             damaged: list | None = None) -> dict[int, Summary] | None:
+             damaged: list | None = None, match: str = "exact", synonyms=None,
+             calibration: dict | None = None) -> dict[int, Summary] | None:
     """Predict and score; returns the summaries on rank 0 (None on other ranks). The CLIP
     embedder needs `clip_file` and `clip_vocab` (see model.embedders.CLIPEmbedder); `max_tokens` is
     MiniLM's word-piece limit; `predict_kwargs` are more `DecodeOptions` (vocab, map_to,
@@ -132,7 +136,10 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
     model directory `model`; `nxtrec eval` passes `nxtrec.engines.load_engine`). Samples
     the loader skipped (all ranks) are counted by reason into the `skipped` dict, when given,
     and into the summary JSON, with the samples lost in damaged shards (when their manifest
-    says how many) as "unreadable shard"; the damaged shards go into the `damaged` list."""
+    says how many) as "unreadable shard"; the damaged shards go into the `damaged` list.
+    The labels' calibration (ECE, bins; `match` and `synonyms` say when a label is right,
+    nxtrec.evaluation.correctness) goes into the summary JSON, a reliability diagram beside it
+    (.reliability.png), and into the `calibration` dict, when given."""
     from nxtrec.data.loader import build_loader
     from nxtrec.inference.recognizer import Recognizer
 
@@ -166,8 +173,14 @@ def evaluate(model, data, k_values, ranking="prob", embedder="minilm", out=None,
             "seconds": time.perf_counter() - start, "metric_max_tokens": max_tokens, "skipped": skipped_here,
             "damaged_shards": broken,
             **{key: str(getattr(value, "source", value)) for key, value in (predict_kwargs or {}).items()}}
+    info["calibration"] = report = confidence_report(records, right_labels(records, match, synonyms))
+    if calibration is not None:
+        calibration.update(report, match=match)
     if out:
         write_outputs(records, summaries, out, info)
+        write_reliability_diagram(Path(out).with_suffix(".reliability.png"), {
+            name: ([Bin(**b) for b in report[name]["bins"]], report[name]["ece"]) for name in ("prob", "confidence")
+            if name in report}, title=f"{info['model']} on {data}")  # fmt: skip
     return summaries
 
 

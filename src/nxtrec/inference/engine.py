@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nxtrec.errors import ArgumentError, NxtrecError
+from nxtrec.inference.calibration import add_confidence, check_confidence_options, check_confidence_range
 from nxtrec.inference.compat import as_reference, check_compat, rank_ppl_as_reference
 from nxtrec.inference.label_rules import rules_for
 from nxtrec.inference.mapping import DEFAULT_MAP_THRESHOLD, mapper_for
@@ -85,6 +86,10 @@ class DecodeOptions:
     exclude: Any = None
     replace: Any = None
     min_prob: float = 0.0  # labels below this probability are dropped (after the top_k cut)
+    # with a calibration (nxtrec.inference.calibration): labels below this confidence, or below
+    # the threshold of the profile (precision, balanced, recall), are dropped after min_prob
+    min_confidence: float = 0.0
+    profile: str | None = None
 
     @classmethod
     def of(cls, options: DecodeOptions | None = None, **changes) -> DecodeOptions:
@@ -105,6 +110,7 @@ class DecodeOptions:
         if not 0.0 <= self.min_prob <= 1.0:
             raise NxtrecError(f"min_prob must be in [0, 1] (got {self.min_prob})")
         rules_for(self.exclude, self.replace)  # a bad rule file fails here, once (cached)
+        check_confidence_range(self.min_confidence, self.profile)
         if self.sampler not in SAMPLERS:
             raise NxtrecError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.sampler not in capabilities.samplers:
@@ -184,10 +190,13 @@ def predict_files(engine: Engine, paths: Sequence[str], options: DecodeOptions, 
 
 
 def finish_labels(branches: list[list[Branch]], options: DecodeOptions, decode: Callable, delimiter_id: int,
-                  embed_tokens: Callable, image_tokens: Callable | None = None, trie=None) -> list[list[Label]]:  # fmt: skip
+                  embed_tokens: Callable, image_tokens: Callable | None = None, trie=None,
+                  calibration=None) -> list[list[Label]]:  # fmt: skip
     """Sampled branches -> each image's labels: the reference's quirks (compat), then the tag
     list, the ranking, the mapping to a tag list, the exclude/replace rules, the top_k cut and
-    min_prob. `image_tokens(i)` gives image i's tokens for the "sim" ranking."""
+    min_prob. `image_tokens(i)` gives image i's tokens for the "sim" ranking. With a
+    `calibration`, each label gets its confidence, and min_confidence / profile filter."""
+    check_confidence_options(options.min_confidence, options.profile, calibration)
     if options.compat:
         branches = as_reference(options.sampler, branches, delimiter_id)
     if trie is not None:
@@ -208,4 +217,5 @@ def finish_labels(branches: list[list[Branch]], options: DecodeOptions, decode: 
         by_prob = ranking == "prob" or mapper is not None
         add = options.sampler == "one-shot"  # alternative branches add up; one answer's labels do not
         labels = [rules.apply(labs, by_prob, add)[: options.top_k] for labs in labels]
-    return [keep_labels(labs, options.min_prob) for labs in labels] if options.min_prob > 0 else labels
+    labels = [keep_labels(labs, options.min_prob) for labs in labels] if options.min_prob > 0 else labels
+    return [add_confidence(labs, calibration, options.min_confidence, options.profile) for labs in labels]

@@ -39,11 +39,16 @@ class Label:
     # Where the label was grounded: a map over the image-token grid that sums to 1
     # (`Recognizer.predict(..., maps=True)`; nxtrec.inference.attention).
     map: np.ndarray | None = None
+    # P(the label is right), from the model's calibration (nxtrec.inference.calibration);
+    # None without one. `prob` stays the model's own.
+    confidence: float | None = None
 
     def to_dict(self) -> dict:
         """The label as written out: prob (and score) rounded to `OUTPUT_DIGITS` significant
         digits, the map to 6 decimals."""
         d = {"label": self.label, "prob": rounded(self.prob)}
+        if self.confidence is not None:
+            d["confidence"] = rounded(self.confidence)
         if self.score is not None:
             d["score"] = rounded(self.score)
         if self.map is not None:

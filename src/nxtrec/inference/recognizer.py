@@ -15,6 +15,7 @@ import torch
 
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.attention import DEFAULT_MAP_RULE, grounded_one_shot
+from nxtrec.inference.calibration import Calibration, calibration_for
 from nxtrec.inference.compat import beam_options
 from nxtrec.inference.compat_greedy import greedy_as_reference
 from nxtrec.inference.cpu import optimize_for_cpu
@@ -40,6 +41,7 @@ class Recognizer:
         self.device = torch.device(device)
         self.config = model.config
         self.name = name
+        self.calibration: Calibration | None = None  # labels get a confidence with one (from_pretrained)
         self.preprocessing = Preprocessing(self.config.encoder.image_size, tuple(self.config.image_mean),
                                            tuple(self.config.image_std))  # fmt: skip
         self.vocab_size = self.config.decoder.vocab_size
@@ -48,17 +50,21 @@ class Recognizer:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> "Recognizer":
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
+                        calibration: str | Path | None = None) -> "Recognizer":  # fmt: skip
         """Load a model directory (`None`: the bundled default model). On the CPU the model is
         prepared for fast inference (nxtrec.inference.cpu); dtype "int8" (CPU only) quantises
-        its Linear layers."""
+        its Linear layers. `calibration`: a calibration file (default: the directory's
+        calibration.json, when it has one), which gives every label a `confidence`."""
         if dtype == "int8" and torch.device(device).type != "cpu":
             raise NxtrecError(f"--dtype int8 runs on the CPU only (not {device}); use bfloat16 or float16 on a GPU")
         path = Path(path or default_model_dir())
         model, tokenizer = load_model_dir(path, device=device, dtype=DTYPES["float32" if dtype == "int8" else dtype])
         if torch.device(device).type == "cpu":
             optimize_for_cpu(model, dtype)
-        return cls(model, tokenizer, device, name=path.resolve().name)
+        recognizer = cls(model, tokenizer, device, name=path.resolve().name)
+        recognizer.calibration = calibration_for(path, calibration)
+        return recognizer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,7 +114,7 @@ class Recognizer:
             return wte[torch.tensor(ids, device=wte.device)].float().cpu().numpy()
 
         return finish_labels(branches, options, self.tokenizer.decode, self.tokenizer.delimiter_id, embed_tokens,
-                             lambda i: image_tokens[i].float().cpu().numpy(), trie)  # fmt: skip
+                             lambda i: image_tokens[i].float().cpu().numpy(), trie, self.calibration)  # fmt: skip
 
     def _sample(self, image_tokens: torch.Tensor, options: DecodeOptions, trie):
         tok, model, prompt = self.tokenizer, self.model, self.prompt_ids

@@ -26,6 +26,7 @@ from nxtrec.inference.ranking import MAX_LABEL_TOKENS, Branch, Label
 from nxtrec.inference.vocab import one_shot_limits, trie_for
 from nxtrec.model.config import ModelConfig
 from nxtrec.model.tokenizer import Tokenizer
+from nxtrec.onnx.calibration import export_calibration
 from nxtrec.onnx.decoders import CachedDecoder, ReleasedDecoder
 from nxtrec.onnx.format import MANIFEST, RELEASED_DECODER, detect_layout
 from nxtrec.onnx.integrity import IntegrityError, check_sizes, load_embeddings
@@ -37,7 +38,8 @@ class OnnxRecognizer:
 
     capabilities = Capabilities(samplers=("one-shot",), maps=False, needs="the PyTorch path (--model, not --onnx)")
 
-    def __init__(self, path: str | Path, threads: int | None = None, tokenizer: str | Path | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, tokenizer: str | Path | None = None,
+                 calibration: str | Path | None = None):  # fmt: skip
         self.path, self.threads = Path(path), threads
         self.layout = detect_layout(self.path)
         if self.layout == "nxtrec":
@@ -55,6 +57,8 @@ class OnnxRecognizer:
         cfg = self.config
         self.name, self.vocab_size = self.path.resolve().name, self.embeddings.shape[0]
         self.preprocessing = Preprocessing(self.image_size, tuple(cfg.image_mean), tuple(cfg.image_std))
+        # `calibration`: a file (default: the one the export carries), for the labels' confidence
+        self.calibration = export_calibration(self.path, self.manifest, calibration)
 
     def _tokenizer(self, file, config: ModelConfig) -> Tokenizer:
         file = Path(file) if file else self.path / "tokenizer.model"
@@ -167,7 +171,8 @@ class OnnxRecognizer:
         image_tokens = self.encode(pixels)
         branches = self.one_shot(image_tokens, k, cap, vocab=trie)
         return finish_labels(branches, options, self.tokenizer.decode, self.delimiter_id,
-                             lambda ids: self.embeddings[np.array(ids)], lambda i: image_tokens[i], trie)  # fmt: skip
+                             lambda ids: self.embeddings[np.array(ids)], lambda i: image_tokens[i], trie,
+                             self.calibration)  # fmt: skip
 
     def predict(self, images, top_k: int = 10, batch_size: int = 8, **options) -> list[list[Label]]:
         """Labels for each image (paths, bytes or PIL images); a bad image raises `ImageError`."""

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
+from nxtrec.inference.calibration import confidence_settings
 from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.inference.ranking import keep_labels
 from nxtrec.model.image import max_image_bytes, max_image_pixels
@@ -141,7 +142,10 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/v1/info", summary="The model served: its name, whether it is the bundled demo model, "
                                  "whether it gives maps (maps=true), and a note for people")
     async def info(request: Request):
-        return model_info(request.app.state.engine)
+        state = request.app.state  # with a calibration: its summary and the confidence threshold in use
+        options = state.options
+        calibration = confidence_settings(getattr(state.engine, "calibration", None), options.min_confidence, options.profile)
+        return {**model_info(state.engine), **calibration}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):

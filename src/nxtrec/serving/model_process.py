@@ -32,6 +32,7 @@ import numpy as np
 
 from nxtrec.engines import load_engine
 from nxtrec.errors import NxtrecError
+from nxtrec.inference.calibration import Calibration
 from nxtrec.inference.engine import Capabilities, DecodeOptions, Preprocessing
 from nxtrec.inference.ranking import Label
 from nxtrec.inference.threads import threads_per_process
@@ -47,6 +48,7 @@ class EngineInfo:
     preprocessing: Preprocessing
     capabilities: Capabilities
     vocab_size: int
+    calibration: Calibration | None = None  # the model's (nxtrec.inference.calibration)
 
 
 class ModelProcesses:
@@ -58,6 +60,7 @@ class ModelProcesses:
     def __init__(self, info: EngineInfo, pool: _Pool):
         self.name, self.preprocessing = info.name, info.preprocessing
         self.capabilities, self.vocab_size = info.capabilities, info.vocab_size
+        self.calibration = info.calibration
         self.pool = pool
 
     def predict_batch(self, pixels: np.ndarray, options: DecodeOptions | None = None, **changes) -> list[list[Label]]:
@@ -75,12 +78,13 @@ class ModelProcesses:
 
 
 def start_engine_process(model: str | None = None, onnx: str | None = None, device: str = "cpu",
-                         dtype: str = "float32", processes: int = 1) -> ModelProcesses:
+                         dtype: str = "float32", processes: int = 1, calibration: str | None = None) -> ModelProcesses:
     """`load_engine` in `processes` child processes; raises `NxtrecError` with a child's message
     when the model cannot be loaded. With several, each runs its share of a batch on
     cores/processes threads (or $OMP_NUM_THREADS). A child is a fresh interpreter (`python -m`,
     not multiprocessing's spawn, which would re-run the caller's main script)."""
     load = {"model": model, "onnx": onnx, "device": device, "dtype": dtype}
+    load.update({"calibration": calibration} if calibration else {})
     threads = threads_per_process(processes) if processes > 1 else None
     clients = [_Client.start(load, threads) for _ in range(processes)]  # they load at the same time
     pool = _Pool(clients)
@@ -298,7 +302,8 @@ def _serve(conn: Connection, pixels: _SharedPixels) -> None:
     except Exception as e:  # noqa: BLE001 - the server reports it and exits
         conn.send(("error", str(e) if isinstance(e, NxtrecError) else f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ok", EngineInfo(engine.name, engine.preprocessing, engine.capabilities, engine.vocab_size)))
+    conn.send(("ok", EngineInfo(engine.name, engine.preprocessing, engine.capabilities, engine.vocab_size,
+                                getattr(engine, "calibration", None))))  # fmt: skip
     while True:
         try:
             message = conn.recv()

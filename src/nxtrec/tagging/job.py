@@ -19,6 +19,7 @@ from nxtrec.engines import capabilities_of, check_engine_choice, load_engine
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.model.image import MAX_PIXELS_ENV, max_image_bytes, max_image_pixels
+from nxtrec.tagging.confidence import tag_confidence_settings
 from nxtrec.tagging.inputs import InputItem, collect_inputs, fingerprint, inputs_digest
 from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
@@ -57,12 +58,16 @@ class TagOptions:
     map_threshold: float = 0.5
     exclude: str | None = None  # labels to drop (nxtrec.inference.label_rules)
     replace: str | None = None  # `from -> to` label renames (nxtrec.inference.label_rules)
+    calibration: str | None = None  # a calibration file (default: the model's own; nxtrec.inference.calibration)
+    min_confidence: float = 0.0
+    profile: str | None = None  # precision, balanced, recall: the calibration's thresholds
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
                              vocab=self.vocab, map_to=self.map_to, map_threshold=self.map_threshold,
                              compat=self.compat, min_prob=self.min_prob, exclude=self.exclude,
-                             replace=self.replace)  # fmt: skip
+                             replace=self.replace, min_confidence=self.min_confidence,
+                             profile=self.profile)  # fmt: skip
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "part_size"):
@@ -100,6 +105,7 @@ class TagOptions:
         options.update({"vocab": self.vocab} if self.vocab else {})
         options.update({"map_to": self.map_to, "map_threshold": self.map_threshold} if self.map_to else {})
         options.update({name: getattr(self, name) for name in ("exclude", "replace") if getattr(self, name)})
+        options.update(tag_confidence_settings(self))  # only with a calibration: older folders resume
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -241,7 +247,7 @@ def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots:
     ranks, device = _join_ranks(opts)
     try:
         with loading():
-            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype)
+            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype, calibration=opts.calibration)
         if ranks.rank == 0:
             _prepare(output, opts, settings, roots)
         ranks.barrier()

@@ -67,9 +67,12 @@ def format_part(results: list[TagResult], fmt: str) -> str:
         return "".join(json.dumps(r.to_record(), ensure_ascii=False) + "\n" for r in results)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    # a calibrated model's confidence in a fourth column (nxtrec.inference.calibration)
+    conf = any(lab.confidence is not None for r in results for lab in r.labels)
+    writer.writerow(CSV_COLUMNS + ["confidence"] * conf)
     for r in results:
-        writer.writerows([[r.id, lab.label, repr(rounded(lab.prob))] for lab in r.labels] or [[r.id, "", ""]])
+        writer.writerows([[r.id, lab.label, repr(rounded(lab.prob))] + ([repr(rounded(lab.confidence))] if conf else [])
+                          for lab in r.labels] or [[r.id, "", ""] + [""] * conf])  # fmt: skip
     return buf.getvalue()
 
 

@@ -28,6 +28,8 @@ class TagResult:
     def to_record(self) -> dict:
         labels = [{"label": lab.label, "prob": rounded(lab.prob)} for lab in self.labels]
         for record, lab in zip(labels, self.labels):
+            if lab.confidence is not None:  # the model has a calibration (nxtrec.inference.calibration)
+                record["confidence"] = rounded(lab.confidence)
             if lab.map is not None:  # `nxtrec tag --maps`: the grid over the image patches
                 record["map"] = lab.to_dict()["map"]
         return {"id": self.id, "labels": labels, "width": self.width, "height": self.height}

@@ -252,7 +252,7 @@ function updateToolbar() {
 
 // What is exported is what the page shows: each tagged image's labels at or above the threshold.
 function shownLabels(item) {
-  return item.result ? item.result.labels.filter((l) => l.prob >= threshold()).map(({ label, prob }) => ({ label, prob })) : [];
+  return item.result ? item.result.labels.filter((l) => l.prob >= threshold()).map(({ label, prob, confidence }) => (confidence === undefined ? { label, prob } : { label, prob, confidence })) : [];
 }
 
 function resultsJson() {

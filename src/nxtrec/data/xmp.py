@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from xml.dom import minidom
 from xml.parsers.expat import ExpatError
 
@@ -42,6 +43,9 @@ NEW_SIDECAR = (
 )
 
 
+SIDECAR_NAMES = ("image", "stem")  # photo.jpg.xmp (digiKam, darktable), photo.xmp (Lightroom)
+
+
 class SidecarError(NxtrecError):
     pass
 
@@ -55,6 +59,11 @@ class SidecarTags:
     model: str
     date: str  # ISO 8601
     parent: str = "nxtrec"
+
+
+def sidecar_path(image: str, naming: str = "image") -> Path:
+    path = Path(image)
+    return path.with_name(path.name + ".xmp") if naming == "image" else path.with_suffix(".xmp")
 
 
 def _parse(data: bytes | None, where: str) -> minidom.Document:
@@ -168,11 +177,15 @@ def _write_nxtrec_properties(doc, description, tags: SidecarTags, added: list[st
         description.appendChild(prop)
 
 
+def xml_text(text: str) -> str:
+    """`text` without the characters XML cannot hold (a random or byte-level model can write
+    control characters): what is written must read back as it was written."""
+    return NOT_XML.sub("", text)
+
+
 def xml_safe(tags: SidecarTags) -> SidecarTags:
-    """`tags` without the characters XML cannot hold (a random or byte-level model can write
-    control characters): a keyword must read back as it was written."""
-    labels = [{**lab, "label": NOT_XML.sub("", lab["label"])} for lab in tags.labels]
-    return replace(tags, labels=labels, model=NOT_XML.sub("", tags.model), parent=NOT_XML.sub("", tags.parent))
+    labels = [{**lab, "label": xml_text(lab["label"])} for lab in tags.labels]
+    return replace(tags, labels=labels, model=xml_text(tags.model), parent=xml_text(tags.parent))
 
 
 def hierarchical(parent: str, label: str, separator: str) -> str:
@@ -204,3 +217,24 @@ def merged_sidecar(old: bytes | None, tags: SidecarTags, where: str = "sidecar")
         return doc.toxml(encoding="utf-8")
     # the xpacket wrapper first, as in a new sidecar (minidom would put an XML declaration before it)
     return "\n".join(node.toxml() for node in doc.childNodes).encode("utf-8")
+
+
+def ground_truth(images: list[tuple[str, str]], naming: str = "image") -> tuple[list[dict], int]:
+    """`{"image": ID, "gt": people's keywords}` for each (id, path) whose sidecar holds a
+    keyword that nxtrec did not add, and how many images had none (left out)."""
+    rows, without = [], 0
+    for image_id, path in images:
+        sidecar = sidecar_path(path, naming)
+        try:
+            data = sidecar.read_bytes()
+        except FileNotFoundError:
+            without += 1
+            continue
+        except OSError as e:
+            raise SidecarError(f"{sidecar}: cannot read ({e.strerror})") from None
+        keywords = people_keywords(data, str(sidecar))
+        if keywords:
+            rows.append({"image": image_id, "gt": keywords})
+        else:
+            without += 1
+    return rows, without

@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from nxtrec.data.xmp import SIDECAR_NAMES
 from nxtrec.errors import NxtrecError
 from nxtrec.extras import require
 from nxtrec.tagging.imagefolder import check_metadata_target, write_metadata
 from nxtrec.tagging.inputs import InputItem
 from nxtrec.tagging.output import read_records
 from nxtrec.tagging.pipeline import TagResult
-from nxtrec.tagging.sidecars import SIDECAR_NAMES, SidecarWriter, check_sidecar_inputs
+from nxtrec.tagging.sidecars import SidecarWriter, check_sidecar_inputs
 
 # --format -> the format of its part files
 PART_FORMATS = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet", "xmp": "jsonl", "hf": "jsonl"}

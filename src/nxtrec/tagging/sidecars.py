@@ -16,20 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nxtrec.data.xmp import SidecarError, SidecarTags, merged_sidecar
+from nxtrec.data.xmp import SidecarError, SidecarTags, merged_sidecar, sidecar_path
 from nxtrec.errors import NxtrecError
 from nxtrec.tagging.inputs import InputItem
 from nxtrec.tagging.output import write_atomic
 from nxtrec.tagging.pipeline import TagResult
 
-SIDECAR_NAMES = ("image", "stem")  # photo.jpg.xmp (digiKam, darktable), photo.xmp (Lightroom)
 # write_atomic's temporary file of a sidecar: `.NAME.xmp.PID.tmp`
 SIDECAR_TMP_RE = re.compile(r"^\..+\.xmp\.(\d+)\.tmp$")
-
-
-def sidecar_path(image: str, naming: str = "image") -> Path:
-    path = Path(image)
-    return path.with_name(path.name + ".xmp") if naming == "image" else path.with_suffix(".xmp")
 
 
 def check_sidecar_inputs(items: list[InputItem], naming: str) -> None:

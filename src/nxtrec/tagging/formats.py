@@ -5,7 +5,6 @@ imagefolder's metadata.jsonl (at the end of each run: nxtrec.tagging.imagefolder
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from nxtrec.data.xmp import SIDECAR_NAMES
@@ -14,7 +13,6 @@ from nxtrec.extras import require
 from nxtrec.tagging.imagefolder import check_metadata_target, write_metadata
 from nxtrec.tagging.inputs import InputItem
 from nxtrec.tagging.output import read_records
-from nxtrec.tagging.pipeline import TagResult
 from nxtrec.tagging.sidecars import SidecarWriter, check_sidecar_inputs
 
 # --format -> the format of its part files
@@ -37,9 +35,9 @@ def check_format(fmt: str, items: list[InputItem], state: Path, xmp_name: str) -
         check_metadata_target(items, state)
 
 
-def part_writer(fmt: str, model: str, xmp_name: str, xmp_parent: str,
-                ) -> Callable[[list[TagResult], list[InputItem]], list[TagResult]] | None:  # fmt: skip
-    """What writes a part's images' outputs before the part is committed (xmp: sidecars)."""
+def part_writer(fmt: str, model: str, xmp_name: str, xmp_parent: str) -> SidecarWriter | None:
+    """What writes the outputs of a part's images before the part is committed (xmp:
+    sidecars, see SidecarWriter.started and .finished)."""
     return SidecarWriter(xmp_name, xmp_parent, model) if fmt == "xmp" else None
 
 

@@ -168,14 +168,16 @@ def _tag_parts(engine: Engine, items: list[InputItem], fps: list, parts: list[tu
     batches = prefetched_batches(BatchDecoder(items, plan, engine.preprocessing), opts.workers)
     options = opts.decode_options()
     results = tag_batches(lambda pixels: engine.predict_batch(pixels, options), items, batches, opts.max_labels)
-    write_outputs = part_writer(opts.fmt, output.model, opts.xmp_name, opts.xmp_parent)
+    outputs = part_writer(opts.fmt, output.model, opts.xmp_name, opts.xmp_parent)
+    if outputs is not None:  # sidecars are written beside the model, in a thread
+        results = outputs.started(results, items)
     for number, span in parts:
         part = []
         for result in islice(results, len(span)):
             part.append(result)
             progress.update(1, result.error is not None)
-        if write_outputs is not None:  # before the part: a killed run writes them again
-            part = write_outputs(part, [items[i] for i in span])
+        if outputs is not None:  # written before the part: a killed run writes them again
+            part = outputs.finished(part)
         output.write_part(number, part, [fps[i] for i in span])
 
 

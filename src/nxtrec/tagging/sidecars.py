@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,16 +56,35 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class SidecarWriter:
+    """Writes each result's sidecar in a background thread while the model runs (the
+    merge is Python, the model mostly not); `finished` waits for a part's sidecars."""
+
     naming: str
     parent: str
     model: str
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     cleaned: set[Path] = field(default_factory=set)
+    pending: deque = field(default_factory=deque)  # one future per result passed on, in order
 
-    def __call__(self, results: list[TagResult], items: list[InputItem]) -> list[TagResult]:
-        """Write the sidecars of one part's tagged images; an image whose sidecar cannot be
-        read as XMP or written becomes a failed result (left as it is, in errors.jsonl)."""
-        return [self._write(r, item.source) if r.error is None else r for r, item in zip(results, items, strict=True)]
+    def started(self, results: Iterable[TagResult], items: list[InputItem]) -> Iterator[TagResult]:
+        """`results`, passed on as they come, each tagged one's sidecar submitted."""
+        sources = {item.id: item.source for item in items}
+        executor = ThreadPoolExecutor(1, thread_name_prefix="nxtrec-xmp")
+        try:
+            for result in results:
+                if result.error is None:
+                    self.pending.append(executor.submit(self._write, result, sources[result.id]))
+                else:
+                    self.pending.append(Future())
+                    self.pending[-1].set_result(result)
+                yield result
+        finally:
+            executor.shutdown(wait=False)  # what was submitted still runs
+
+    def finished(self, part: list[TagResult]) -> list[TagResult]:
+        """The part's results once their sidecars are written; an image whose sidecar could
+        not be read as XMP or written becomes a failed result (in errors.jsonl)."""
+        return [self.pending.popleft().result() for _ in part]
 
     def _write(self, result: TagResult, image: str) -> TagResult:
         path = sidecar_path(image, self.naming)

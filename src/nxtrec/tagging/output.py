@@ -32,7 +32,11 @@ from nxtrec.data.shards import LOCK_NAME, folder_lock, removed_on_error
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.ranking import rounded
 from nxtrec.tagging.inputs import InputItem, same_image
-from nxtrec.tagging.parquet_part import parquet_bytes, parquet_records, parquet_row_count
+from nxtrec.tagging.parquet_part import (
+    parquet_bytes,
+    parquet_records,
+    parquet_row_count,
+)
 from nxtrec.tagging.pipeline import TagResult
 
 MANIFEST = "manifest.json"

@@ -67,6 +67,21 @@ def test_parquet_parts_join_img2dataset_in_duckdb_and_a_damaged_part_is_redone(t
     assert (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns == kept
 
 
+def test_a_labels_confidence_passes_through_to_parquet_when_present(tmp_path):
+    import duckdb
+
+    from nxtrec.tagging.parquet_part import parquet_bytes
+
+    records = [{"id": "a", "labels": [{"label": "dog", "prob": 0.5, "confidence": 0.25}], "width": 4, "height": 3},
+               {"id": "b", "labels": [], "width": 5, "height": 2}]  # fmt: skip
+    (tmp_path / "with.parquet").write_bytes(parquet_bytes(records, "m"))
+    (tmp_path / "without.parquet").write_bytes(parquet_bytes([{**records[0], "labels": [{"label": "x", "prob": 0.5}]}], "m"))
+    assert duckdb.sql(f"SELECT id, labels FROM '{tmp_path}/with.parquet'").fetchall() == [
+        ("a", [{"label": "dog", "prob": 0.5, "confidence": 0.25}]), ("b", [])]  # fmt: skip
+    types = dict(duckdb.sql(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM '{tmp_path}/without.parquet')").fetchall())
+    assert types["labels"] == 'STRUCT("label" VARCHAR, prob FLOAT)[]'
+
+
 def test_hf_metadata_loads_with_the_imagefolder_loader(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import datasets
 

@@ -111,13 +111,15 @@ def test_special_characters_come_out_intact_and_other_tools_data_is_kept(tmp_pat
     path = tmp_path / "scene.jpg.xmp"  # another tool's sidecar: a keyword, a title, a rating
     subprocess.run([EXIFTOOL, "-q", "-o", str(path), "-XMP-dc:Subject=mine", "-XMP-dc:Title=Sea", "-XMP-xmp:Rating=4",
                     str(Path(__file__).parents[1] / "examples" / "scene.jpg")], check=True)  # fmt: skip
-    tags = SidecarTags([{"label": lab, "prob": 0.5} for lab in labels], "tiny", "2026-01-02T03:04:05+00:00")
+    tags = SidecarTags([{"label": lab, "prob": 0.5} for lab in labels[:-1]] + [{"label": labels[-1], "prob": 0.5,
+                        "confidence": 0.25}], "tiny", "2026-01-02T03:04:05+00:00")  # fmt: skip
     path.write_bytes(merged_sidecar(path.read_bytes(), tags))
     _validate(path)
     row = _exif(path)[0]
     assert row["Subject"] == ["mine", *(xml_text(lab) for lab in labels)] and row["Subject"][-1] == "ctrlchar"
     assert "nxtrec|black\uff5cwhite" in row["HierarchicalSubject"] and "nxtrec/AC\uff0fDC" in row["TagsList"]
     assert row["Title"] == "Sea" and row["Rating"] == 4
+    assert [lab.get("Confidence") for lab in row["Labels"]] == [None] * (len(labels) - 1) + [0.25]
     again = merged_sidecar(path.read_bytes(), SidecarTags([{"label": "dog", "prob": 0.9}], "tiny", "2026-01-03"))
     assert people_keywords(again) == ["mine"] and b"AC/DC" not in again and b"Sea" in again
 

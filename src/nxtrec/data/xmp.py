@@ -41,8 +41,6 @@ NEW_SIDECAR = (
     '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
     '<rdf:Description rdf:about=""/></rdf:RDF></x:xmpmeta>\n<?xpacket end="w"?>'
 )
-
-
 SIDECAR_NAMES = ("image", "stem")  # photo.jpg.xmp (digiKam, darktable), photo.xmp (Lightroom)
 
 
@@ -148,7 +146,7 @@ def _array(doc, description, spec: tuple[str, str, str]):
 
 def _set_items(doc, array, keep, add: list[str]) -> None:
     """Remove the items of `array` that `keep` rejects, then append `add` (those not there)."""
-    for li in [c for c in array.childNodes if c.nodeType == c.ELEMENT_NODE]:
+    for li in _children(array):
         if not keep(li.firstChild.data if li.firstChild else ""):
             array.removeChild(li)
     present = set(_array_items(array))

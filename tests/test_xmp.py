@@ -16,7 +16,7 @@ import datagen
 import pytest
 
 from nxtrec.cli.main import main
-from nxtrec.data.xmp import SidecarTags, merged_sidecar, people_keywords, xml_text
+from nxtrec.data.xmp import NEW_SIDECAR, SidecarTags, merged_sidecar, people_keywords, xml_text
 
 EXIFTOOL = shutil.which("exiftool")
 pytestmark = [pytest.mark.skipif(EXIFTOOL is None, reason="exiftool is not installed (Debian: libimage-exiftool-perl)"),
@@ -122,6 +122,12 @@ def test_special_characters_come_out_intact_and_other_tools_data_is_kept(tmp_pat
     assert [lab.get("Confidence") for lab in row["Labels"]] == [None] * (len(labels) - 1) + [0.25]
     again = merged_sidecar(path.read_bytes(), SidecarTags([{"label": "dog", "prob": 0.9}], "tiny", "2026-01-03"))
     assert people_keywords(again) == ["mine"] and b"AC/DC" not in again and b"Sea" in again
+    # a new sidecar comes from a template: exiftool reads it as the document built for an empty one
+    (tmp_path / "new.xmp").write_bytes(merged_sidecar(None, tags))
+    (tmp_path / "built.xmp").write_bytes(merged_sidecar(NEW_SIDECAR.encode(), tags))
+    _validate(tmp_path / "new.xmp")
+    new, built = _exif(tmp_path / "new.xmp", tmp_path / "built.xmp")
+    assert {**new, "SourceFile": ""} == {**built, "SourceFile": ""} and new["Subject"] == row["Subject"][1:]
 
 
 def test_import_xmp_gives_people_keywords_as_ground_truth_and_shards_are_refused(tiny_model_dir, tmp_path, capsys):

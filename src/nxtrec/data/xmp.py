@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from xml.dom import minidom
 from xml.parsers.expat import ExpatError
+from xml.sax.saxutils import escape
 
 from nxtrec.errors import NxtrecError
 
@@ -41,6 +42,7 @@ NEW_SIDECAR = (
     '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
     '<rdf:Description rdf:about=""/></rdf:RDF></x:xmpmeta>\n<?xpacket end="w"?>'
 )
+LABEL_FIELDS = ("label", "prob", "confidence")  # a label's struct in nxtrec:Labels
 SIDECAR_NAMES = ("image", "stem")  # photo.jpg.xmp (digiKam, darktable), photo.xmp (Lightroom)
 
 
@@ -64,9 +66,9 @@ def sidecar_path(image: str, naming: str = "image") -> Path:
     return path.with_name(path.name + ".xmp") if naming == "image" else path.with_suffix(".xmp")
 
 
-def _parse(data: bytes | None, where: str) -> minidom.Document:
+def _parse(data: bytes, where: str) -> minidom.Document:
     try:
-        doc = minidom.parseString(data or NEW_SIDECAR.encode("utf-8"))
+        doc = minidom.parseString(data)
     except ExpatError as e:
         raise SidecarError(f"{where}: not an XMP sidecar ({e}); nxtrec leaves it as it is") from None
     if _rdf(doc) is None:
@@ -189,7 +191,7 @@ def _write_nxtrec_properties(doc, description, tags: SidecarTags, added: list[st
                 li.appendChild(doc.createTextNode(value))
                 continue
             li.setAttributeNS(RDF, f"{rdf}:parseType", "Resource")  # a struct: label, prob, confidence
-            for field in ("label", "prob", "confidence"):
+            for field in LABEL_FIELDS:
                 if field in value:
                     li.appendChild(_text_element(doc, description, field.capitalize(), str(value[field])))
         description.appendChild(prop)
@@ -210,9 +212,36 @@ def hierarchical(parent: str, label: str, separator: str) -> str:
     return parent + separator + label.replace(separator, SEPARATOR_STANDINS[separator])
 
 
+def _new_sidecar(tags: SidecarTags) -> bytes:
+    """What merged_sidecar writes when there is no sidecar yet, from a template: a fifth of
+    the CPU time of building the document, in the common case of a first run (see
+    docs/formats.md#speed). tests/test_xmp.py checks that exiftool reads both alike."""
+    labels = list(dict.fromkeys(lab["label"] for lab in tags.labels))
+
+    def array(prop: str, kind: str, items: list[str], always: bool = False) -> str:
+        lis = "".join(f"<rdf:li>{escape(item)}</rdf:li>" for item in items)
+        return f"<{prop}><rdf:{kind}>{lis}</rdf:{kind}></{prop}>" if items or always else ""
+
+    def text(name: str, value) -> str:
+        return f"<nxtrec:{name}>{escape(str(value))}</nxtrec:{name}>"
+
+    structs = "".join('<rdf:li rdf:parseType="Resource">' + "".join(
+        text(field.capitalize(), lab[field]) for field in LABEL_FIELDS if field in lab) + "</rdf:li>" for lab in tags.labels)  # fmt: skip
+    hierarchies = [array(f"{PREFIXES[ns]}:{name}", kind, [hierarchical(tags.parent, lab, sep) for lab in labels])
+                   for (ns, name, kind), sep in HIERARCHIES]  # fmt: skip
+    body = (array("dc:subject", "Bag", labels) + "".join(hierarchies) + text("TaggerModel", tags.model)
+            + text("TaggedAt", tags.date) + text("Parent", tags.parent) + array("nxtrec:Added", "Bag", labels, True)
+            + f"<nxtrec:Labels><rdf:Seq>{structs}</rdf:Seq></nxtrec:Labels>")  # fmt: skip
+    namespaces = "".join(f' xmlns:{prefix}="{ns}"' for ns, prefix in PREFIXES.items())
+    description = f'<rdf:Description rdf:about=""{namespaces}>{body}</rdf:Description>'
+    return NEW_SIDECAR.replace('<rdf:Description rdf:about=""/>', description).encode("utf-8")
+
+
 def merged_sidecar(old: bytes | None, tags: SidecarTags, where: str = "sidecar") -> bytes:
     """The sidecar with nxtrec's keywords and properties replaced by `tags`' (a new one when
     `old` is None); everything else is kept. A file that is not XMP is a SidecarError."""
+    if old is None:
+        return _new_sidecar(xml_safe(tags))
     doc, tags = _parse(old, where), xml_safe(tags)
     old_added, old_parents = _nxtrec_state(doc)
     description = _descriptions(doc)
@@ -231,9 +260,9 @@ def merged_sidecar(old: bytes | None, tags: SidecarTags, where: str = "sidecar")
                    [hierarchical(tags.parent, label, sep) for label in labels])  # fmt: skip
     _remove_nxtrec_properties(doc)
     _write_nxtrec_properties(doc, target, tags, [k for k in dict.fromkeys(labels) if k not in people])
-    if old is not None and old.lstrip().startswith(b"<?xml"):
+    if old.lstrip().startswith(b"<?xml"):
         return doc.toxml(encoding="utf-8")
-    # the xpacket wrapper first, as in a new sidecar (minidom would put an XML declaration before it)
+    # the xpacket wrapper first, as it was (minidom would put an XML declaration before it)
     return "\n".join(node.toxml() for node in doc.childNodes).encode("utf-8")
 
 

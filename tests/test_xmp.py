@@ -16,7 +16,13 @@ import datagen
 import pytest
 
 from nxtrec.cli.main import main
-from nxtrec.data.xmp import NEW_SIDECAR, SidecarTags, merged_sidecar, people_keywords, xml_text
+from nxtrec.data.xmp import (
+    NEW_SIDECAR,
+    SidecarTags,
+    merged_sidecar,
+    people_keywords,
+    xml_text,
+)
 
 EXIFTOOL = shutil.which("exiftool")
 pytestmark = [pytest.mark.skipif(EXIFTOOL is None, reason="exiftool is not installed (Debian: libimage-exiftool-perl)"),

@@ -25,6 +25,10 @@ $(VENV)/.installed: $(VENV)/.demo-installed
 	test -x /usr/bin/chromedriver || \
 		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
 		echo "warning: install chromium and chromium-driver for the browser test of nxtrec serve"
+	@# exiftool reads back and validates the XMP sidecars of `nxtrec tag --format xmp` in the tests.
+	test -x /usr/bin/exiftool || \
+		{ apt-get update -qq && apt-get install -y -qq libimage-exiftool-perl; } || \
+		echo "warning: install libimage-exiftool-perl for the XMP sidecar tests"
 	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 

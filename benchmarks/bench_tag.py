@@ -6,6 +6,7 @@
     python benchmarks/bench_tag.py --images ... --processes 2     # tag --processes 2, and 'split'
     python benchmarks/bench_tag.py --images ... --only ceiling --profile    # where a batch's time goes
     python benchmarks/bench_tag.py --images ... --threads 1 --workers 1 --only ceiling tag
+    python benchmarks/bench_tag.py --images ... --only tag xmp      # what XMP sidecars cost
                                    # the model on fewer threads than cores: is decoding hidden?
 
 Bundled demo model, CPU, one-shot top-k 10. Every measurement runs in its own process (so
@@ -21,6 +22,8 @@ and the best round is the least disturbed one):
            started together;
   tag      `nxtrec tag --processes N` on the files (its manifest's this-run time: loading the
            model and listing the inputs excluded), same batch size;
+  xmp      `nxtrec tag --format xmp`, as `tag`, on a fresh copy of the files (each round
+           writes a new sidecar beside each image, fsynced); compared with `tag` (JSONL);
   predict  a loop of `Recognizer.predict` over the files in batches of 8 (decoding in the
            main process, as `nxtrec predict` does);
   rss      peak RSS of `nxtrec tag` (one process) over the files, and over a --list
@@ -37,6 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,19 +118,34 @@ def child_tag(args) -> dict:
     from nxtrec.cli.main import main
 
     with tempfile.TemporaryDirectory() as tmp:
+        files = _files(args.images, args.n)
+        if args.fmt == "xmp":  # the sidecars go beside the images: a copy without any
+            (Path(tmp) / "images").mkdir()
+            files = [str(shutil.copy(f, Path(tmp) / "images" / f"{i:05d}{Path(f).suffix}")) for i, f in enumerate(files)]
         listing = Path(tmp) / "list.txt"
-        listing.write_text("\n".join(_files(args.images, args.n) * args.repeat) + "\n")
+        listing.write_text("\n".join(files * args.repeat) + "\n")
         out = Path(tmp) / "out"
         argv = ["tag", "--list", str(listing), "--out", str(out), "--top-k", "10", "--batch-size", str(args.batch_size),
-                "--dtype", args.dtype, "--log-every", "1e9"]  # fmt: skip
+                "--dtype", args.dtype, "--log-every", "1e9", "--format", args.fmt]  # fmt: skip
         if args.workers is not None:
             argv += ["--workers", str(args.workers)]
         if args.processes > 1:
             argv += ["--processes", str(args.processes)]
+        cpu = _cpu_seconds()
         if main(argv) != 0:
             sys.exit("nxtrec tag failed")
+        cpu = _cpu_seconds() - cpu
         run = json.loads((out / "manifest.json").read_text())["this_run"]
-    return {"images": run["images"], "seconds": run["seconds"]}
+    return {"images": run["images"], "seconds": run["seconds"], "cpu_s": cpu}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its ended children (the decoding workers): on a shared
+    machine it varies far less than the time a run takes."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _chunks(items: list, size: int):
@@ -140,8 +160,9 @@ def _busy_loops(count: int, cpus: list[int] | None) -> list[subprocess.Popen]:
 
 
 def measure(args, kind: str, dtype: str, repeat: int = 1, processes: int | None = None) -> dict:
-    cmd = [sys.executable, __file__, CHILD, kind, "--images", args.images, "--n", str(args.n), "--dtype", dtype,
-           "--batch-size", str(args.batch_size), "--repeat", str(repeat)]  # fmt: skip
+    cmd = [sys.executable, __file__, CHILD, "tag" if kind == "xmp" else kind, "--images", args.images, "--n",
+           str(args.n), "--dtype", dtype, "--batch-size", str(args.batch_size), "--repeat", str(repeat),
+           "--fmt", "xmp" if kind == "xmp" else "jsonl"]  # fmt: skip
     if args.cpus:
         cmd = ["taskset", "-c", ",".join(map(str, args.cpus)), *cmd]
     if args.workers is not None:
@@ -150,7 +171,7 @@ def measure(args, kind: str, dtype: str, repeat: int = 1, processes: int | None 
         cmd.append("--profile")
     if kind == "split":
         return _measure_split(args, cmd)
-    if kind == "tag":
+    if kind in ("tag", "xmp"):
         cmd += ["--processes", str(processes or args.processes)]
     lines = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()
     result = json.loads(lines[-1])
@@ -192,12 +213,13 @@ def main() -> None:
                    help="model threads per process (OMP_NUM_THREADS) in every measurement; fewer than the cores "
                         "leaves the loader cores of its own")
     p.add_argument("--only", nargs="*", default=["ceiling", "split", "tag", "predict"],
-                   choices=["ceiling", "split", "tag", "predict"])
+                   choices=["ceiling", "split", "tag", "xmp", "predict"])
     p.add_argument("--profile", action="store_true", help="print the ceiling run's cProfile top functions")
     p.add_argument("--cpus", type=int, nargs="+", help="run every measurement on these CPUs only (taskset)")
     p.add_argument("--busy", type=int, default=0, help="processes spinning on --cpus while the measurements run")
     p.add_argument(CHILD, dest="child", choices=["ceiling", "tag", "predict"], help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--fmt", default="jsonl", help=argparse.SUPPRESS)
     p.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--barrier", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -236,6 +258,13 @@ def report(args) -> None:
         for ceiling in ("ceiling", "split"):
             if ceiling in results and "tag" in results:
                 print(f"{dtype:9s} tag / {ceiling} {results['tag']['images_per_s'] / results[ceiling]['images_per_s']:.1%}")
+        if "xmp" in results and "tag" in results:
+            overhead = results["tag"]["images_per_s"] / results["xmp"]["images_per_s"] - 1
+            median = statistics.median(r["tag"]["images_per_s"] / r["xmp"]["images_per_s"] - 1 for r in rounds)
+            cpu = statistics.median(r["xmp"]["cpu_s"] / r["tag"]["cpu_s"] - 1 for r in rounds)
+            print(f"{dtype:9s} tag --format xmp over jsonl: {overhead:+.1%} time (best rounds), "
+                  f"{median:+.1%} (median of the rounds' ratios), {cpu:+.1%} CPU time (median; whole "
+                  "command, model load included)")  # fmt: skip
         if "predict" in results and "tag" in results:
             print(f"{dtype:9s} tag / predict loop {results['tag']['images_per_s'] / results['predict']['images_per_s']:.2f}x")
     if args.rss_repeat:

@@ -38,6 +38,7 @@ MODULE_EXTRAS = {
     "anyio": ("serve",),  # with FastAPI
     "python_multipart": ("serve",),
     "huggingface_hub": ("download",),
+    "pyarrow": ("parquet",),
 }
 
 # the extra each command needs beyond the default install

@@ -35,6 +35,8 @@ COMMAND_MODULES = [
     "quantize",
     "info",
     "calibrate",
+    "export",
+    "import_",
 ]
 
 

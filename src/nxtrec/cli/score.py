@@ -9,7 +9,7 @@ from nxtrec.errors import NxtrecError
 
 def register(sub) -> None:
     s = sub.add_parser("score", help="R/P/F1 of saved predictions, without the model")
-    s.add_argument("predictions", type=existing_file, help="JSONL: {\"image\": ID, \"labels\": [...] or [{\"label\", \"prob\"}...], \"gt\": [...]}")
+    s.add_argument("predictions", type=existing_file, help="JSONL: {\"image\" (or \"id\"): ID, \"labels\": [...] or [{\"label\", \"prob\"}...], \"gt\": [...]}")
     s.add_argument("--gt", type=existing_file, help="JSONL of {\"image\": ID, \"gt\": [...]} when the predictions file has no gt")
     s.add_argument("--top-k", type=positive_int, nargs="+", default=[10], help="one or more k: score the first k labels")
     s.add_argument("--out", help="summary JSON: the scores per k and the ground-truth ids without a prediction")
@@ -29,11 +29,12 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
 
 def _image_id(row: dict, path: str, line: int, seen: dict[str, int]) -> str:
     where = f"{path}:{line}"
-    if "image" not in row:
+    field = "image" if "image" in row or "id" not in row else "id"  # id: the records of `nxtrec tag`
+    if field not in row:
         raise NxtrecError(f"{where}: no \"image\" field")
-    if not isinstance(row["image"], (str, int)) or isinstance(row["image"], bool):
-        raise NxtrecError(f"{where}: \"image\" must be a string or an integer id, got {type(row['image']).__name__}")
-    image = str(row["image"])
+    if not isinstance(row[field], (str, int)) or isinstance(row[field], bool):
+        raise NxtrecError(f"{where}: \"{field}\" must be a string or an integer id, got {type(row[field]).__name__}")
+    image = str(row[field])
     if image in seen:
         raise NxtrecError(f"{where}: image {image!r} appears twice (first on line {seen[image]}); ids must be unique")
     seen[image] = line

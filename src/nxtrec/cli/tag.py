@@ -32,8 +32,13 @@ def register(sub) -> None:
                    help="order of the labels: probability, perplexity, image similarity, generation order")
     p.add_argument("--min-prob", type=fraction, default=0.0, help="drop labels with a lower probability")
     p.add_argument("--max-labels", type=positive_int, help="keep at most this many labels per image (after --min-prob)")
-    p.add_argument("--format", dest="fmt", default="jsonl", choices=["jsonl", "csv"],
-                   help="part files: one JSON record per image, or id,label,prob rows")
+    p.add_argument("--format", dest="fmt", default="jsonl", choices=["jsonl", "csv", "parquet", "xmp", "hf"],
+                   help="part files: one JSON record per image, or id,label,prob rows, or Parquet; xmp: JSONL parts "
+                        "and an XMP sidecar beside each image; hf: JSONL parts and the imagefolder's metadata.jsonl "
+                        "(docs/formats.md)")
+    p.add_argument("--xmp-name", default="image", choices=["image", "stem"],
+                   help="--format xmp: sidecar photo.jpg.xmp (digiKam, darktable) or photo.xmp (Lightroom)")
+    p.add_argument("--xmp-parent", default="nxtrec", help="--format xmp: parent of nxtrec's hierarchical keywords")
     p.add_argument("--maps", action="store_true",
                    help="store each label's map over the image patch grid in the records (jsonl, PyTorch path)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")

@@ -20,6 +20,7 @@ from nxtrec.errors import NxtrecError
 from nxtrec.inference.engine import DecodeOptions, Engine
 from nxtrec.model.image import MAX_PIXELS_ENV, max_image_bytes, max_image_pixels
 from nxtrec.tagging.confidence import tag_confidence_settings
+from nxtrec.tagging.formats import check_format, finish_format, part_format, part_writer
 from nxtrec.tagging.inputs import InputItem, collect_inputs, fingerprint, inputs_digest
 from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
@@ -61,6 +62,8 @@ class TagOptions:
     calibration: str | None = None  # a calibration file (default: the model's own; nxtrec.inference.calibration)
     min_confidence: float = 0.0
     profile: str | None = None  # precision, balanced, recall: the calibration's thresholds
+    xmp_name: str = "image"  # --format xmp: photo.jpg.xmp ("image") or photo.xmp ("stem")
+    xmp_parent: str = "nxtrec"  # --format xmp: the parent of nxtrec's hierarchical keywords
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
@@ -106,6 +109,7 @@ class TagOptions:
         options.update({"map_to": self.map_to, "map_threshold": self.map_threshold} if self.map_to else {})
         options.update({name: getattr(self, name) for name in ("exclude", "replace") if getattr(self, name)})
         options.update(tag_confidence_settings(self))  # only with a calibration: older folders resume
+        options.update({"xmp_name": self.xmp_name, "xmp_parent": self.xmp_parent} if self.fmt == "xmp" else {})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -170,11 +174,16 @@ def _tag_parts(engine: Engine, items: list[InputItem], fps: list, parts: list[tu
     batches = prefetched_batches(BatchDecoder(items, plan, engine.preprocessing), opts.workers)
     options = opts.decode_options()
     results = tag_batches(lambda pixels: engine.predict_batch(pixels, options), items, batches, opts.max_labels)
+    outputs = part_writer(opts.fmt, output.model, opts.xmp_name, opts.xmp_parent)
+    if outputs is not None:  # sidecars are written beside the model, in a thread
+        results = outputs.started(results, items)
     for number, span in parts:
         part = []
         for result in islice(results, len(span)):
             part.append(result)
             progress.update(1, result.error is not None)
+        if outputs is not None:  # written before the part: a killed run writes them again
+            part = outputs.finished(part)
         output.write_part(number, part, [fps[i] for i in span])
 
 
@@ -227,10 +236,12 @@ def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nu
     """Tag what is not tagged yet; `loading()` wraps the model's load (the CLI shows a line).
     The process that reports (rank 0) holds the folder's lock for the whole job."""
     opts.validate()
-    output = TagOutput(opts.out, opts.fmt)
+    output = TagOutput(opts.out, part_format(opts.fmt))
     shard_errors: list[dict] = []
     items, roots = _inputs(opts, output, shard_errors)
     settings = opts.settings(items)
+    output.model = settings["model"]
+    check_format(opts.fmt, items, output.state, opts.xmp_name)
     output.check(settings, opts.overwrite, opts.update)
     reports = os.environ.get("RANK", "0") == "0"
     with output.locked() if reports else nullcontext():
@@ -275,6 +286,7 @@ def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots:
             extra = {"engine": name, "world_size": ranks.world, "batch_size": opts.batch_size, "this_run": this_run}
             entries = output.read_entries(legacy, opts.part_size)
             counts = output.finish(settings, inputs, entries, extra, shard_errors)
+            finish_format(opts.fmt, output.folder, output.state, items)
         return TagSummary(counts, new_images, seconds, output.folder, plan.changed)
     finally:
         ranks.close()

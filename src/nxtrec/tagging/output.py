@@ -32,16 +32,21 @@ from nxtrec.data.shards import LOCK_NAME, folder_lock, removed_on_error
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.ranking import rounded
 from nxtrec.tagging.inputs import InputItem, same_image
+from nxtrec.tagging.parquet_part import (
+    parquet_bytes,
+    parquet_records,
+    parquet_row_count,
+)
 from nxtrec.tagging.pipeline import TagResult
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 STATE_DIR = ".tag"
 MANIFEST_FORMAT = "nxtrec-tag/1"
-FORMATS = ("jsonl", "csv")
-PART_RE = re.compile(r"^part-(\d{5,})\.(jsonl|csv)$")
+FORMATS = ("jsonl", "csv", "parquet")
+PART_RE = re.compile(r"^part-(\d{5,})\.(jsonl|csv|parquet)$")
 # temporary files of an atomic write (ours, and write_json_atomic's of earlier versions)
-TMP_RE = re.compile(r"^(\.(part-\d{5,}\.(jsonl|csv)|manifest\.json|errors\.jsonl)|manifest\.json)\.\d+\.tmp$")
+TMP_RE = re.compile(r"^(\.(part-\d{5,}\.(jsonl|csv|parquet)|manifest\.json|errors\.jsonl)|manifest\.json)\.\d+\.tmp$")
 CSV_COLUMNS = ["id", "label", "prob"]
 ANY = "any"  # the fingerprint of an image in a part written before fingerprints were kept
 
@@ -97,6 +102,9 @@ def match_entries(inputs: Sequence[tuple[str, dict | None]], entries: Sequence[P
 
 
 def _part_records(path: Path) -> Iterator[dict]:
+    if path.suffix == ".parquet":
+        yield from parquet_records(path)
+        return
     if path.suffix == ".jsonl":
         yield from (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
         return
@@ -149,6 +157,8 @@ def _write_json(path: Path, obj) -> None:
 
 def _count_records(data: bytes, suffix: str) -> int | None:
     """The number of records in a part file's bytes; None when they cannot be read."""
+    if suffix == ".parquet":
+        return parquet_row_count(data)
     try:
         text = data.decode("utf-8")
         if suffix == ".jsonl":
@@ -178,6 +188,7 @@ class TagOutput:
             raise TagOutputError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
         self.folder, self.fmt = Path(folder), fmt
         self.state = self.folder / STATE_DIR
+        self.model = ""  # the settings' model, a column of parquet parts
         self._verified: dict[int, tuple] = {}  # part -> (size, mtime_ns) of a file checked good
 
     def part_path(self, part: int) -> Path:
@@ -298,7 +309,11 @@ class TagOutput:
     def write_part(self, part: int, results: list[TagResult], fingerprints: Sequence[dict | None]) -> None:
         errors = [{"id": r.id, "reason": r.error} for r in results if r.error is not None]
         inputs = [[r.id, fp] for r, fp in zip(results, fingerprints, strict=True)]
-        data = format_part([r for r in results if r.error is None], self.fmt).encode("utf-8")
+        tagged = [r for r in results if r.error is None]
+        if self.fmt == "parquet":
+            data = parquet_bytes([r.to_record() for r in tagged], self.model)
+        else:
+            data = format_part(tagged, self.fmt).encode("utf-8")
         _write_json(self._sidecar(part), {"images": len(results), "failed": len(errors), "errors": errors,
                                           "inputs": inputs, "records": len(results) - len(errors), "bytes": len(data),
                                           "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip

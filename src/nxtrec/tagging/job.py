@@ -24,6 +24,7 @@ from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
 from nxtrec.tagging.prefetch import BatchDecoder, prefetched_batches
 from nxtrec.tagging.progress import Progress
+from nxtrec.tagging.split import share, shard_folder, shard_inputs
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TagOptions:
     map_threshold: float = 0.5
     exclude: str | None = None  # labels to drop (nxtrec.inference.label_rules)
     replace: str | None = None  # `from -> to` label renames (nxtrec.inference.label_rules)
+    shard_id: int | None = None  # this job's shard of the collection (nxtrec.tagging.split)
+    num_shards: int | None = None
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
@@ -82,6 +85,10 @@ class TagOptions:
             raise NxtrecError("--maps needs --format jsonl")
         if self.update and self.overwrite:
             raise NxtrecError("--update keeps the records in --out and --overwrite discards them: choose one")
+        if (self.shard_id is None) != (self.num_shards is None):
+            raise NxtrecError("--shard-id and --num-shards go together")
+        if self.num_shards is not None and not 0 <= self.shard_id < self.num_shards:
+            raise NxtrecError(f"--shard-id must be from 0 to {self.num_shards - 1} (--num-shards {self.num_shards})")
         # a bad $NXTREC_MAX_IMAGE_PIXELS or $NXTREC_MAX_IMAGE_BYTES is one usage error, not a failure per image
         max_image_pixels(), max_image_bytes()
 
@@ -100,6 +107,7 @@ class TagOptions:
         options.update({"vocab": self.vocab} if self.vocab else {})
         options.update({"map_to": self.map_to, "map_threshold": self.map_threshold} if self.map_to else {})
         options.update({name: getattr(self, name) for name in ("exclude", "replace") if getattr(self, name)})
+        options.update({"shard": [self.shard_id, self.num_shards]} if self.num_shards is not None else {})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -221,10 +229,13 @@ def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nu
     """Tag what is not tagged yet; `loading()` wraps the model's load (the CLI shows a line).
     The process that reports (rank 0) holds the folder's lock for the whole job."""
     opts.validate()
-    output = TagOutput(opts.out, opts.fmt)
+    sharded = opts.num_shards is not None
+    output = TagOutput(shard_folder(opts.out, opts.shard_id, opts.num_shards) if sharded else opts.out, opts.fmt)
     shard_errors: list[dict] = []
     items, roots = _inputs(opts, output, shard_errors)
-    settings = opts.settings(items)
+    settings = opts.settings(items)  # of the whole collection: every shard names the same inputs
+    if sharded:
+        items = shard_inputs(items, opts.part_size, opts.shard_id, opts.num_shards)
     output.check(settings, opts.overwrite, opts.update)
     reports = os.environ.get("RANK", "0") == "0"
     with output.locked() if reports else nullcontext():
@@ -251,7 +262,7 @@ def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots:
         ranks.barrier()  # every rank has its plan before any part of this run appears
         todo, size = [items[i] for i in plan.todo], opts.part_size
         parts = [(n, range(j * size, min((j + 1) * size, len(todo)))) for j, n in enumerate(plan.numbers)]
-        mine = parts[ranks.rank :: ranks.world]
+        mine = share(parts, ranks.rank, ranks.world)
         progress = _progress(opts, ranks, items, plan, mine)
         start = time.monotonic()
         try:

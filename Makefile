@@ -25,6 +25,10 @@ $(VENV)/.installed: $(VENV)/.demo-installed
 	test -x /usr/bin/chromedriver || \
 		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
 		echo "warning: install chromium and chromium-driver for the browser test of nxtrec serve"
+	@# The PySpark test of nxtrec.integrations.spark runs Spark on Debian's OpenJDK (skipped without Java).
+	command -v java >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq default-jre-headless; } || \
+		echo "warning: install default-jre-headless for the PySpark test of nxtrec.integrations.spark"
 	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 

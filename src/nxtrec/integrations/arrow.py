@@ -20,6 +20,7 @@ from typing import Any
 
 from nxtrec.engines import load_engine
 from nxtrec.errors import NxtrecError
+from nxtrec.extras import require
 from nxtrec.inference.engine import DecodeOptions
 from nxtrec.tagging.inputs import InputItem
 from nxtrec.tagging.pipeline import TagResult, batch_ranges, tag_batches
@@ -76,6 +77,7 @@ class ArrowTagger:
     """Loads one engine, then labels Arrow tables (`tag_table`)."""
 
     def __init__(self, config: TaggerConfig):
+        require("pyarrow")  # the Ray and Spark paths bring it: one line naming the extra if not
         self.config = config
         self.options = config.decode_options()
         device = worker_device(config.device, config.onnx)

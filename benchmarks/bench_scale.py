@@ -9,6 +9,8 @@ measurement runs in its own process, --rounds times in turns; the best round is 
 Every path uses two model processes on one thread each (this machine has 2 cores):
   tag      `nxtrec tag --processes 2` over a list of the files, from the command's start to
            its end (model loading included);
+  shards   two `nxtrec tag --shard-id I --num-shards 2` jobs at once (one process each),
+           then `nxtrec tag --merge`: from the start of both to the end of the merge;
   ray      Parquet of the image bytes -> ray.data.read_parquet -> tag_dataset(concurrency=2)
            -> write_parquet, on `ray.init(num_cpus=2)`; from the first call to the last row
            written (actor start and model loading included; ray.init excluded: a cluster
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 CHILD = "--child"
-KINDS = ("tag", "ray", "spark", "io", "parts")
+KINDS = ("tag", "shards", "ray", "spark", "io", "parts")
 
 
 def _peak_rss_mb() -> float:
@@ -68,6 +70,24 @@ def child_tag(args, tmp: str) -> dict:
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest rank
+    return {"images": args.n, "seconds": seconds, "worker_peak_mb": peak}
+
+
+def child_shards(args, tmp: str) -> dict:
+    import resource
+
+    listing = Path(tmp) / "list.txt"
+    listing.write_text("\n".join(_files(args.images, args.n)) + "\n")
+    out = str(Path(tmp) / "out")
+    cmd = [sys.executable, "-m", "nxtrec", "tag", "--list", str(listing), "--out", out, "-q", "--top-k", "10",
+           "--batch-size", str(args.batch_size), "--log-every", "1e9", "--num-shards", "2"]  # fmt: skip
+    start = time.perf_counter()
+    jobs = [subprocess.Popen([*cmd, "--shard-id", str(i)]) for i in range(2)]
+    if any(job.wait() for job in jobs):
+        sys.exit("a shard job failed")
+    subprocess.run([sys.executable, "-m", "nxtrec", "tag", "--merge", out], check=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"images": args.n, "seconds": seconds, "worker_peak_mb": peak}
 
 
@@ -182,8 +202,9 @@ def _write_parquet(images: str, n: int, path: Path, batch_size: int) -> None:
 
 def run_child(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        if args.child in ("tag", "parts"):
-            result = child_tag(args, tmp) if args.child == "tag" else child_parts(args)
+        if args.child in ("tag", "shards", "parts"):
+            run_local = {"tag": child_tag, "shards": child_shards, "parts": lambda args, _: child_parts(args)}
+            result = run_local[args.child](args, tmp)
         else:
             run = {"ray": child_ray, "spark": child_spark, "io": child_io}[args.child]
             result = run(args, tmp, args.parquet)

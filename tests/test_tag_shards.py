@@ -48,7 +48,11 @@ def test_three_shards_and_merge_equal_one_run(tiny_model_dir, images, tmp_path, 
     assert main(["tag", "--merge", str(out)]) == 0
     assert "3 shards, 22 images (21 tagged, 1 failed)" in capsys.readouterr().err
     one = sorted(read_records(tmp_path / "one"), key=lambda r: r["id"])
-    assert sorted(read_records(out), key=lambda r: r["id"]) == one
+    merged = sorted(read_records(out), key=lambda r: r["id"])
+    assert [(r["id"], r["width"], [x["label"] for x in r["labels"]]) for r in merged] == [
+        (r["id"], r["width"], [x["label"] for x in r["labels"]]) for r in one]  # fmt: skip
+    probs = [x["prob"] for r in one for x in r["labels"]]  # equal up to float batching effects
+    assert [x["prob"] for r in merged for x in r["labels"]] == pytest.approx(probs, rel=1e-5)
     # DuckDB reads the shards' part files as one table
     got = duckdb.sql(f"select id from read_json_auto('{out}/shard-*/part-*.jsonl') order by id").fetchall()
     assert [g[0] for g in got] == [r["id"] for r in one]

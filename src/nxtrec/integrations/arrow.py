@@ -112,9 +112,6 @@ class ArrowTagger:
             table = table.append_column(name, column)
         return table
 
-    def close(self) -> None:
-        self.engine.close()
-
 
 def _is_binary(arrow_type) -> bool:
     import pyarrow as pa

@@ -11,7 +11,7 @@ Every path uses two model processes on one thread each (this machine has 2 cores
            its end (model loading included);
   shards   two `nxtrec tag --shard-id I --num-shards 2` jobs at once (one process each),
            then `nxtrec tag --merge`: from the start of both to the end of the merge;
-  ray      Parquet of the image bytes -> ray.data.read_parquet -> tag_dataset(concurrency=2)
+  ray      Parquet of the image bytes -> ray.data.read_parquet (blocks of 250 images) -> RayTagger
            -> write_parquet, on `ray.init(num_cpus=2)`; from the first call to the last row
            written (actor start and model loading included; ray.init excluded: a cluster
            is up already). The actors take half a CPU each, so that the read and write
@@ -91,6 +91,12 @@ def child_shards(args, tmp: str) -> dict:
     return {"images": args.n, "seconds": seconds, "worker_peak_mb": peak}
 
 
+def _blocks(args) -> int:
+    """Read blocks of about 250 images: enough for both actors, few enough that the read
+    tasks' own cost stays small (one block per batch is slower: docs/scale.md)."""
+    return max(2, args.n // 250)
+
+
 def _start_ray():
     import ray
 
@@ -114,7 +120,7 @@ def child_ray(args, tmp: str, parquet: str) -> dict:
             return out
 
     start = time.perf_counter()
-    ds = ray.data.read_parquet(parquet, override_num_blocks=args.n // args.batch_size)
+    ds = ray.data.read_parquet(parquet, override_num_blocks=_blocks(args))
     ds = ds.map_batches(MeasuredTagger, fn_constructor_kwargs={"image_column": "jpg", "top_k": 10, "threads": 1,
                                                                "batch_size": args.batch_size},
                         batch_size=args.batch_size, batch_format="pyarrow", num_cpus=0.5,
@@ -129,7 +135,7 @@ def child_ray(args, tmp: str, parquet: str) -> dict:
 def child_io(args, tmp: str, parquet: str) -> dict:
     ray = _start_ray()
     start = time.perf_counter()
-    ds = ray.data.read_parquet(parquet, override_num_blocks=args.n // args.batch_size)
+    ds = ray.data.read_parquet(parquet, override_num_blocks=_blocks(args))
     ds = ds.map_batches(lambda t: t.drop_columns(["jpg"]), batch_size=args.batch_size, batch_format="pyarrow")
     ds.write_parquet(str(Path(tmp) / "out"))
     seconds = time.perf_counter() - start

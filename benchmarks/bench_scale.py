@@ -11,7 +11,7 @@ Every path uses two model processes on one thread each (this machine has 2 cores
            its end (model loading included);
   shards   two `nxtrec tag --shard-id I --num-shards 2` jobs at once (one process each),
            then `nxtrec tag --merge`: from the start of both to the end of the merge;
-  ray      Parquet of the image bytes -> ray.data.read_parquet (blocks of 250 images) -> RayTagger
+  ray      Parquet of the image bytes -> ray.data.read_parquet (a block per batch) -> RayTagger
            -> write_parquet, on `ray.init(num_cpus=2)`; from the first call to the last row
            written (actor start and model loading included; ray.init excluded: a cluster
            is up already). The actors take half a CPU each, so that the read and write
@@ -92,9 +92,9 @@ def child_shards(args, tmp: str) -> dict:
 
 
 def _blocks(args) -> int:
-    """Read blocks of about 250 images: enough for both actors, few enough that the read
-    tasks' own cost stays small (one block per batch is slower: docs/scale.md)."""
-    return max(2, args.n // 250)
+    """One read block per batch: the two actors finish together (with large blocks, one
+    actor works alone on the last block: slower, docs/scale.md)."""
+    return max(2, args.n // args.batch_size)
 
 
 def _start_ray():

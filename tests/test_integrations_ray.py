@@ -14,7 +14,7 @@ import scale_data
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the [ray] extra)")
 
-from nxtrec.integrations.ray import RayTagger, tag_dataset  # noqa: E402
+from nxtrec.integrations.ray import RayTagger, tag_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # two actors take one of the two CPUs: the read and write tasks need the other
@@ -65,7 +65,7 @@ def test_ray_bytes_give_the_records_of_nxtrec_tag(local_ray, collection, tiny_mo
 
 
 def test_ray_paths_column(local_ray, collection, tiny_model_dir, tmp_path):
-    parquet, records, errors = collection
+    _, records, errors = collection
     ds = ray.data.from_items([{"path": name} for name in [*records, *errors]])
     ds = tag_dataset(ds, concurrency=2, num_cpus=ACTOR_CPUS, model=str(tiny_model_dir), image_column="path", top_k=4, min_prob=0.001)
     ds.write_parquet(str(tmp_path / "out"))

@@ -17,9 +17,9 @@ pytest.importorskip("pyspark", reason="PySpark is not installed (the [spark] ext
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("no Java runtime for PySpark (make test installs default-jre-headless)", allow_module_level=True)
 
-from pyspark.sql import SparkSession  # noqa: E402
+from pyspark.sql import SparkSession
 
-from nxtrec.integrations.spark import output_schema, tag_dataframe  # noqa: E402
+from nxtrec.integrations.spark import output_schema, tag_dataframe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -84,8 +84,8 @@ def test_merge_reports_each_problem_in_one_line(tiny_model_dir, images, tmp_path
     assert main(["tag", "--merge", str(out)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        f"nxtrec tag: error: {out / 'shard-00000-of-00002'}: of --num-shards 2, the others of 4: its images are "
-        "duplicated there; remove the folders of one run",
+        (f"nxtrec tag: error: {out / 'shard-00000-of-00002'}: of --num-shards 2, the others of 4: its images are "
+         "duplicated there; remove the folders of one run"),
         f"nxtrec tag: error: shard 1 of 4: missing (no {out / 'shard-00001-of-00004'}): run its job",
         "nxtrec tag: error: shard 2 of 4: part-00000.jsonl gone or damaged: rerun its job to redo them",
         f"nxtrec tag: error: shard 3 of 4: missing (no {out / 'shard-00003-of-00004'}): run its job",

@@ -24,7 +24,7 @@ from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
 from nxtrec.tagging.prefetch import BatchDecoder, prefetched_batches
 from nxtrec.tagging.progress import Progress
-from nxtrec.tagging.split import share, shard_folder, shard_inputs
+from nxtrec.tagging.split import shard_folder, shard_inputs, share
 
 
 @dataclass

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from nxtrec.data.shards import folder_lock
 from nxtrec.errors import NxtrecError
-from nxtrec.tagging.output import ERRORS, MANIFEST, MERGED_FORMAT, PART_RE, TagOutput, write_atomic
+from nxtrec.tagging.output import (
+    ERRORS,
+    MANIFEST,
+    MERGED_FORMAT,
+    PART_RE,
+    TagOutput,
+    write_atomic,
+)
 from nxtrec.tagging.split import SHARD_DIR_RE, shard_folder, shard_size
 
 SIDECAR_RE = re.compile(r"^part-(\d{5,})\.json$")

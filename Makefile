@@ -29,6 +29,10 @@ $(VENV)/.installed: $(VENV)/.demo-installed
 	test -x /usr/bin/exiftool || \
 		{ apt-get update -qq && apt-get install -y -qq libimage-exiftool-perl; } || \
 		echo "warning: install libimage-exiftool-perl for the XMP sidecar tests"
+	@# The PySpark test of nxtrec.integrations.spark runs Spark on Debian's OpenJDK (skipped without Java).
+	command -v java >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq default-jre-headless; } || \
+		echo "warning: install default-jre-headless for the PySpark test of nxtrec.integrations.spark"
 	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 

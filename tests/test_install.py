@@ -120,8 +120,9 @@ def test_runtime_project_matches_the_main_one():
     assert RUNTIME_PROJECT["name"] == "nxtrec-runtime" and RUNTIME_PROJECT["scripts"] == PROJECT["scripts"]
     assert _requirement_names(RUNTIME_PROJECT["dependencies"]) == set(RUNTIME_DEPENDENCIES.values())
     assert "torch" not in _requirement_names(RUNTIME_PROJECT["dependencies"])
-    assert set(RUNTIME_PROJECT["optional-dependencies"]) == set(RUNTIME_EXTRAS) == {"serve"}
-    assert RUNTIME_PROJECT["optional-dependencies"]["serve"] == PROJECT["optional-dependencies"]["serve"]
+    assert set(RUNTIME_PROJECT["optional-dependencies"]) == set(RUNTIME_EXTRAS) == {"serve", "ray", "spark"}
+    for extra in RUNTIME_EXTRAS:
+        assert RUNTIME_PROJECT["optional-dependencies"][extra] == PROJECT["optional-dependencies"][extra]
     assert nxtrec.__version__ == PROJECT["version"]  # the runtime takes its version from nxtrec.__version__
 
 

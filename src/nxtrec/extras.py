@@ -38,7 +38,9 @@ MODULE_EXTRAS = {
     "anyio": ("serve",),  # with FastAPI
     "python_multipart": ("serve",),
     "huggingface_hub": ("download",),
-    "pyarrow": ("parquet",),
+    "ray": ("ray",),
+    "pyspark": ("spark",),
+    "pyarrow": ("parquet", "ray", "spark"),
 }
 
 # the extra each command needs beyond the default install
@@ -85,7 +87,8 @@ RUNTIME_DEPENDENCIES = {
     "yaml": "pyyaml",
     "tomli": "tomli",
 }
-RUNTIME_EXTRAS = {"serve": ("fastapi", "uvicorn", "starlette", "anyio", "python_multipart")}
+RUNTIME_EXTRAS = {"serve": ("fastapi", "uvicorn", "starlette", "anyio", "python_multipart"),
+                  "ray": ("ray", "pyarrow"), "spark": ("pyspark",)}  # fmt: skip
 
 
 class MissingDependencyError(NxtrecError):

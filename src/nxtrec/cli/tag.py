@@ -15,12 +15,13 @@ from nxtrec.cli.options import (
 )
 from nxtrec.cli.confidence_options import add_confidence_arguments
 from nxtrec.cli.vocab_options import add_vocab_arguments
+from nxtrec.errors import NxtrecError
 
 
 def register(sub) -> None:
     p = sub.add_parser("tag", help="tag a whole collection of images into an output folder (resumable)")
     p.add_argument("inputs", nargs="*", help="image files, folders (recursive) and globs")
-    p.add_argument("--out", required=True, help="output folder (parts, errors.jsonl, manifest.json)")
+    p.add_argument("--out", help="output folder (parts, errors.jsonl, manifest.json)")
     p.add_argument("--list", dest="list_file", metavar="FILE", help="file with one image path per line ('-': stdin)")
     p.add_argument("--shards", action="append", default=[], metavar="PATTERN",
                    help="WebDataset / img2dataset tars, e.g. 'dir/{00000..00123}.tar' (sample keys are the ids)")
@@ -64,6 +65,11 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no note on stderr about the bundled demo model")
     p.add_argument("--verify", action="store_true",
                    help="with --onnx: check every file's SHA-256 against the export manifest first")
+    p.add_argument("--shard-id", type=non_negative_int, metavar="I",
+                   help="tag only shard I of --num-shards (a job array's index), into --out/shard-IIIII-of-NNNNN")
+    p.add_argument("--num-shards", type=positive_int, metavar="N", help="the number of shards (see --shard-id)")
+    p.add_argument("--merge", metavar="OUT",
+                   help="check that OUT holds every shard once, complete, and write its manifest (no tagging)")
     add_vocab_arguments(p)
     add_confidence_arguments(p)
     p.set_defaults(func=run)
@@ -74,7 +80,11 @@ def run(args) -> int:
     from nxtrec.cli.predict import check_onnx_dir
     from nxtrec.tagging.job import TagOptions, run_tag
 
-    skip = ("command", "func", "argv", "verify", "quiet")
+    if args.merge:
+        return merge(args)
+    if not args.out:
+        raise NxtrecError("--out is required (or --merge OUT)")
+    skip = ("command", "func", "argv", "verify", "quiet", "merge")
     options = TagOptions(**{k: v for k, v in vars(args).items() if k not in skip})
     check_input_paths(options.inputs)
     if options.onnx:
@@ -94,4 +104,21 @@ def run(args) -> int:
     if summary.counts:  # rank 0
         print(f"nxtrec tag: {summary.line()}", file=sys.stderr)
         return 1 if summary.counts["failed"] or summary.counts.get("shard_errors") else 0
+    return 0
+
+
+def merge(args) -> int:
+    from nxtrec.tagging.merge import TagMergeError, merge_shards
+
+    if args.inputs or args.out:
+        raise NxtrecError("--merge OUT takes no inputs and no --out")
+    try:
+        manifest = merge_shards(args.merge)
+    except TagMergeError as e:
+        for problem in e.problems:  # one line each
+            print(f"nxtrec tag: error: {problem}", file=sys.stderr)
+        return 2
+    c = manifest["counts"]
+    print(f"nxtrec tag: {manifest['num_shards']} shards, {c['images']} images ({c['tagged']} tagged, "
+          f"{c['failed']} failed) in {args.merge}", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from nxtrec.tagging.output import PartEntry, TagOutput, match_entries
 from nxtrec.tagging.pipeline import batch_ranges, tag_batches
 from nxtrec.tagging.prefetch import BatchDecoder, prefetched_batches
 from nxtrec.tagging.progress import Progress
+from nxtrec.tagging.split import shard_folder, shard_inputs, share
 
 
 @dataclass
@@ -64,6 +65,8 @@ class TagOptions:
     profile: str | None = None  # precision, balanced, recall: the calibration's thresholds
     xmp_name: str = "image"  # --format xmp: photo.jpg.xmp ("image") or photo.xmp ("stem")
     xmp_parent: str = "nxtrec"  # --format xmp: the parent of nxtrec's hierarchical keywords
+    shard_id: int | None = None  # this job's shard of the collection (nxtrec.tagging.split)
+    num_shards: int | None = None
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
@@ -90,6 +93,13 @@ class TagOptions:
             raise NxtrecError("--maps needs --format jsonl")
         if self.update and self.overwrite:
             raise NxtrecError("--update keeps the records in --out and --overwrite discards them: choose one")
+        if (self.shard_id is None) != (self.num_shards is None):
+            raise NxtrecError("--shard-id and --num-shards go together")
+        if self.num_shards is not None and not 0 <= self.shard_id < self.num_shards:
+            raise NxtrecError(f"--shard-id must be from 0 to {self.num_shards - 1} (--num-shards {self.num_shards})")
+        if self.num_shards is not None and self.fmt == "hf":  # one metadata.jsonl for all the images
+            raise NxtrecError("--format hf writes one metadata.jsonl for the whole collection: tag it without "
+                              "--num-shards, or shard with --format jsonl, csv or parquet")
         # a bad $NXTREC_MAX_IMAGE_PIXELS or $NXTREC_MAX_IMAGE_BYTES is one usage error, not a failure per image
         max_image_pixels(), max_image_bytes()
 
@@ -110,6 +120,7 @@ class TagOptions:
         options.update({name: getattr(self, name) for name in ("exclude", "replace") if getattr(self, name)})
         options.update(tag_confidence_settings(self))  # only with a calibration: older folders resume
         options.update({"xmp_name": self.xmp_name, "xmp_parent": self.xmp_parent} if self.fmt == "xmp" else {})
+        options.update({"shard": [self.shard_id, self.num_shards]} if self.num_shards is not None else {})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -236,11 +247,15 @@ def run_tag(opts: TagOptions, loading: Callable[[], AbstractContextManager] = nu
     """Tag what is not tagged yet; `loading()` wraps the model's load (the CLI shows a line).
     The process that reports (rank 0) holds the folder's lock for the whole job."""
     opts.validate()
-    output = TagOutput(opts.out, part_format(opts.fmt))
+    sharded = opts.num_shards is not None
+    output = TagOutput(shard_folder(opts.out, opts.shard_id, opts.num_shards) if sharded else opts.out,
+                       part_format(opts.fmt))
     shard_errors: list[dict] = []
     items, roots = _inputs(opts, output, shard_errors)
-    settings = opts.settings(items)
+    settings = opts.settings(items)  # of the whole collection: every shard names the same inputs
     output.model = settings["model"]
+    if sharded:
+        items = shard_inputs(items, opts.part_size, opts.shard_id, opts.num_shards)
     check_format(opts.fmt, items, output.state, opts.xmp_name)
     output.check(settings, opts.overwrite, opts.update)
     reports = os.environ.get("RANK", "0") == "0"
@@ -268,7 +283,7 @@ def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots:
         ranks.barrier()  # every rank has its plan before any part of this run appears
         todo, size = [items[i] for i in plan.todo], opts.part_size
         parts = [(n, range(j * size, min((j + 1) * size, len(todo)))) for j, n in enumerate(plan.numbers)]
-        mine = parts[ranks.rank :: ranks.world]
+        mine = share(parts, ranks.rank, ranks.world)
         progress = _progress(opts, ranks, items, plan, mine)
         start = time.monotonic()
         try:

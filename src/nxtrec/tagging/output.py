@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 STATE_DIR = ".tag"
 MANIFEST_FORMAT = "nxtrec-tag/1"
+MERGED_FORMAT = "nxtrec-tag-merged/1"  # of `nxtrec tag --merge` (nxtrec.tagging.merge)
 FORMATS = ("jsonl", "csv", "parquet")
 PART_RE = re.compile(r"^part-(\d{5,})\.(jsonl|csv|parquet)$")
 # temporary files of an atomic write (ours, and write_json_atomic's of earlier versions)
@@ -123,9 +124,12 @@ def _part_records(path: Path) -> Iterator[dict]:
 
 def read_records(folder: str | Path) -> Iterator[dict]:
     """The current records of a tag folder, in part order, without the superseded ones and
-    those of removed images (csv rows come back as one `{"id", "labels"}` per image)."""
+    those of removed images (csv rows come back as one `{"id", "labels"}` per image); of a
+    merged folder (`nxtrec tag --merge`), those of its shards."""
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    for shard in manifest.get("shards", []) if manifest.get("format") == MERGED_FORMAT else []:
+        yield from read_records(folder / shard["folder"])  # `nxtrec tag --merge`: the shards in order
     removed, superseded = set(manifest.get("removed", [])), manifest.get("superseded", {})
     parts = sorted((int(m.group(1)), path) for path in folder.iterdir() if (m := PART_RE.match(path.name)))
     for _, path in parts:

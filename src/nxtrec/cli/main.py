@@ -34,6 +34,8 @@ COMMAND_MODULES = [
     "verify",
     "quantize",
     "info",
+    "teach",
+    "merge_adapter",
 ]
 
 

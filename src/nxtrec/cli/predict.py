@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.notices import DEMO_NOTICE, demo_notice, loading  # noqa: F401 (DEMO_NOTICE: imported from here too)
 from nxtrec.cli.options import (
     device,
@@ -52,6 +53,7 @@ def register(sub) -> None:
     p.add_argument("--max-pixels", type=positive_int,
                    help=f"refuse images with more pixels (default {MAX_IMAGE_PIXELS}; NXTREC_MAX_IMAGE_PIXELS)")
     add_vocab_arguments(p)
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 
@@ -113,7 +115,7 @@ def run(args) -> int:
         check_onnx_dir(args.onnx, args.verify)
     quiet = args.quiet or args.json
     with loading("predict", args.model, args.onnx, quiet=quiet):
-        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype)
+        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype, adapter=args.adapter)
     check_top_k(options, engine.vocab_size)
     demo_notice(args.model, args.onnx, quiet=quiet)
     failed = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.options import (
     existing_dir,
     fraction,
@@ -59,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--verify", action="store_true",
                    help="with --onnx: check every file's SHA-256 against the export manifest first")
     add_vocab_arguments(p)
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 

@@ -9,11 +9,14 @@ from nxtrec.inference.engine import Capabilities, Engine
 
 
 def load_engine(model: str | None = None, onnx: str | None = None, device: str = "cpu", dtype: str = "float32",
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, adapter: str | None = None) -> Engine:
     """A model directory (None: the bundled default model) on PyTorch, or an exported ONNX
     directory on ONNX Runtime, which runs on the CPU in the export's own dtype. `threads`:
-    the engine's CPU threads (default: its own choice)."""
+    the engine's CPU threads (default: its own choice). `adapter`: a folder of `nxtrec teach`
+    (PyTorch only; an ONNX export gets it baked in by `export-onnx --adapter`)."""
     check_engine_choice(model, onnx, device, dtype)
+    if onnx and adapter:
+        raise NxtrecError("--adapter needs --model; bake it into an ONNX export with `nxtrec export-onnx --adapter`")
     if onnx:
         from nxtrec.onnx.recognizer import OnnxRecognizer
 
@@ -24,7 +27,7 @@ def load_engine(model: str | None = None, onnx: str | None = None, device: str =
         import torch
 
         torch.set_num_threads(threads)
-    return Recognizer.from_pretrained(model, device=device, dtype=dtype)
+    return Recognizer.from_pretrained(model, device=device, dtype=dtype, adapter=adapter)
 
 
 def check_engine_choice(model: str | None, onnx: str | None, device: str = "cpu", dtype: str = "float32") -> None:

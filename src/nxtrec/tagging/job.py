@@ -57,6 +57,7 @@ class TagOptions:
     map_threshold: float = 0.5
     exclude: str | None = None  # labels to drop (nxtrec.inference.label_rules)
     replace: str | None = None  # `from -> to` label renames (nxtrec.inference.label_rules)
+    adapter: str | None = None  # an adapter folder of `nxtrec teach` (nxtrec.model.adapter)
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
@@ -100,6 +101,7 @@ class TagOptions:
         options.update({"vocab": self.vocab} if self.vocab else {})
         options.update({"map_to": self.map_to, "map_threshold": self.map_threshold} if self.map_to else {})
         options.update({name: getattr(self, name) for name in ("exclude", "replace") if getattr(self, name)})
+        options.update({"adapter": os.path.abspath(self.adapter)} if self.adapter else {})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -241,7 +243,7 @@ def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots:
     ranks, device = _join_ranks(opts)
     try:
         with loading():
-            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype)
+            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype, adapter=opts.adapter)
         if ranks.rank == 0:
             _prepare(output, opts, settings, roots)
         ranks.barrier()

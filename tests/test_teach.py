@@ -60,7 +60,7 @@ def labels_of(engine, images, k=3) -> list[list[str]]:
 def test_adapter_files_load_and_teach_the_labels(base, examples, adapter):
     info = json.loads((adapter / ADAPTER_INFO).read_text())
     assert info["base_model"] == model_digest(base)
-    assert info["labels"] == ["blip", "quib", "zorkle"] and info["rank"] == 8
+    assert info["labels"] == ["blip", "quib", "zorkle"] and info["rank"] == 16
     assert len(info["targets"]) == 2 * 7  # 2 decoder blocks x (wq wk wv wo w1 w2 w3)
     assert info["figures"]["recall@5_taught_before"] == 0.0 < info["figures"]["recall@5_taught_after"]
     assert not (adapter / STATE_FILE).exists()
@@ -103,7 +103,7 @@ def test_wrong_base_model_is_refused_in_one_line(adapter, tmp_path, capsys):
 
 def test_verify_checks_adapter_files(adapter, tmp_path, capsys):
     assert main(["verify", str(adapter)]) == 0
-    assert "adapter: rank 8" in capsys.readouterr().out
+    assert "adapter: rank 16" in capsys.readouterr().out
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / ADAPTER_INFO).write_text((adapter / ADAPTER_INFO).read_text())
@@ -149,3 +149,43 @@ def test_taught_labels_through_predict_tag_and_onnx(base, examples, adapter, tmp
     onnx = tmp_path / "onnx"
     assert main(["export-onnx", "--model", str(merged), "--out", str(onnx), "--image", image]) == 0
     assert set(labels_of(load_engine(onnx=str(onnx)), [image])[0][:2]) & TAUGHT
+
+
+def test_taught_labels_through_serve(base, examples, adapter):
+    """`nxtrec serve --adapter`: the service's model process loads the adapter."""
+    import asyncio
+
+    import httpx
+
+    from nxtrec.serving.app import create_app
+    from nxtrec.serving.model_process import start_engine_process
+
+    engine = start_engine_process(model=str(base), adapter=str(adapter))
+
+    async def tag() -> dict:
+        app = create_app(engine)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                data = (examples / "img" / "0.jpg").read_bytes()
+                return (await client.post("/v1/tag?top_k=3", files={"files": ("0.jpg", data, "image/jpeg")})).json()
+
+    try:
+        body = asyncio.run(tag())
+    finally:
+        engine.close()
+    assert {lab["label"] for lab in body["results"][0]["labels"][:2]} & TAUGHT
+
+
+def test_synth_renders_new_categories_as_teach_examples(tmp_path, capsys):
+    from nxtrec.data.synth import CATEGORIES
+    from nxtrec.training.teach_data import read_examples
+
+    assert main(["synth", "--new-categories", "octopus,robot", "--n", "2", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    assert [r["labels"] for r in rows] == [["octopus"]] * 2 + [["robot"]] * 2
+    assert all(r["labels"][0] in r["objects"] for r in rows)
+    assert {"octopus", "robot"}.isdisjoint(c.name for c in CATEGORIES)
+    assert [ex.labels for ex in read_examples(tmp_path)] == [("octopus",)] * 2 + [("robot",)] * 2
+    assert main(["synth", "--new-categories", "piano", "--n", "1", "--out", str(tmp_path)]) == 2
+    assert "unknown 'piano'" in capsys.readouterr().err

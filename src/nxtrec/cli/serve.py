@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import (
     device,
@@ -51,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p, compat=False)
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 
@@ -82,7 +84,7 @@ def run(args) -> int:
     demo_notice(args.model, args.onnx, quiet=args.quiet)  # GET /v1/info tells the web page ("demo")
     with loading("serve", args.model, args.onnx, quiet=args.quiet):
         engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype,
-                                      processes=args.processes)  # fmt: skip
+                                      processes=args.processes, adapter=args.adapter)  # fmt: skip
     try:
         print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
         app = create_app(engine, config, options)

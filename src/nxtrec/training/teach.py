@@ -32,19 +32,19 @@ MAX_TEXT_TOKENS = 64
 
 @dataclass(frozen=True)
 class TeachOptions:
-    rank: int = 8
+    rank: int = 16
     alpha: float = 16.0
     encoder_blocks: int = 0  # also adapt the last N encoder blocks (and the projection)
     steps: int = 300  # at most; early stopping may end sooner
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     seed: int = 0
     held_out: float = 0.2  # fraction of each label's examples held out
     eval_every: int = 25  # steps between held-out evaluations (and checkpoints)
     patience: int = 4  # evaluations without improvement before stopping
     replay: float = 0.5  # fraction of each batch drawn from replay scenes (when any)
     replay_scenes: int | None = None  # None: 400 for the bundled model, 0 otherwise
-    distill_min_prob: float = 0.3  # the model's own labels kept as targets from this probability
+    distill_min_prob: float = 0.05  # the model's own labels kept as targets from this probability
     threads: int = 2
 
 
@@ -86,10 +86,9 @@ class Teacher:
         for ex in train + held + replay:
             self.pixels[id(ex.image)] = torch.from_numpy(self.pre.stack([ex.image])[0])
         own = self.predict(Recognizer(self.model, self.tokenizer), train + held, top_k=10)
-        own_train, own_held = own[: len(train)], own[len(train):]
-        train = distilled(train, own_train, o.distill_min_prob)
-        held = distilled(held, own_held, o.distill_min_prob)
-        return TeachData(train, held, replay, own_held if held else own_train)
+        both = distilled(train + held, own, o.distill_min_prob)
+        n = len(train)
+        return TeachData(both[:n], both[n:], replay, own[n:] if held else own[:n])
 
     def predict(self, rec: Recognizer, examples: list[Example], top_k: int):
         was_training = self.model.training
@@ -128,9 +127,12 @@ class Teacher:
 
     @torch.no_grad()
     def held_out_loss(self) -> float:
+        """The loss of the taught labels alone on the held-out examples: what early stopping
+        watches (the old labels' loss would hide whether the new ones are learned)."""
         examples = self.data.held or self.data.train
         pixels = torch.stack([self.pixels[id(ex.image)] for ex in examples])
-        return float(self.loss(pixels, [ex.labels for ex in examples], random.Random(f"nxtrec-teach-held/{self.options.seed}")))
+        labels = [[lab for lab in ex.labels if lab in self.labels] for ex in examples]
+        return float(self.loss(pixels, labels, random.Random(f"nxtrec-teach-held/{self.options.seed}")))
 
     def fingerprint(self) -> str:
         return repr((self.info_base, asdict(self.options)))

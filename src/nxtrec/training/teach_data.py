@@ -91,13 +91,25 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
     return train, held
 
 
-def distilled(examples: list[Example], predictions, min_prob: float) -> list[Example]:
+def distilled(examples: list[Example], predictions, min_prob: float, confusion_share: float = 0.3) -> list[Example]:
     """Each example with the model's own labels added (those with probability >= `min_prob`
-    that it does not already have): what the model knew about the picture stays a target."""
+    that it does not already have): what the model knew about the picture stays a target.
+    A label the model gives to more than `confusion_share` of one taught label's examples is
+    left out: that is most likely its old name for the new thing, not a thing beside it."""
+    own = [[lab.label for lab in labels if lab.prob >= min_prob and lab.label not in ex.labels]
+           for ex, labels in zip(examples, predictions)]  # fmt: skip
+    counts: dict[str, dict[str, int]] = {}
+    sizes: dict[str, int] = {}
+    for ex, labels in zip(examples, own):
+        sizes[ex.labels[0]] = sizes.get(ex.labels[0], 0) + 1
+        for label in labels:
+            group = counts.setdefault(ex.labels[0], {})
+            group[label] = group.get(label, 0) + 1
     out = []
-    for ex, labels in zip(examples, predictions):
-        own = [lab.label for lab in labels if lab.prob >= min_prob and lab.label not in ex.labels]
-        out.append(Example(ex.image, ex.labels + tuple(own)))
+    for ex, labels in zip(examples, own):
+        limit = max(1, confusion_share * sizes[ex.labels[0]])
+        kept = [lab for lab in labels if counts[ex.labels[0]][lab] <= limit]
+        out.append(Example(ex.image, ex.labels + tuple(kept)))
     return out
 
 

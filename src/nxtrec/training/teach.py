@@ -142,17 +142,21 @@ def teach(model_dir, examples_source, out, options: TeachOptions = TeachOptions(
     """Train an adapter on the examples at `examples_source` and write it to `out`; resumes
     from `out`'s checkpoint when one of the same run (same model, examples and options) is
     there."""
-    torch.set_num_threads(options.threads)
-    torch.manual_seed(options.seed)
-    torch.use_deterministic_algorithms(True)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExamplesError(f"{out}: exists and is not a folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    teacher = Teacher(model_dir, read_examples(examples_source), out, options)
-    loop = TrainingState.start(teacher)
-    loop.run(progress)
-    return finish(teacher, loop)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(options.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        teacher = Teacher(model_dir, read_examples(examples_source), out, options)
+        loop = TrainingState.start(teacher)
+        loop.run(progress)
+        return finish(teacher, loop)
+    finally:  # the caller's settings back (the Python API)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @dataclass
@@ -242,7 +246,6 @@ def before_after(examples: list[Example], before, after, taught: list[str]) -> d
         hits = [lab in [x.label for x in p[:5]] for ex, p in zip(examples, preds) for lab in ex.labels if lab in taught]
         return round(float(np.mean(hits)), 4) if hits else 0.0
 
-    old = [(b, a) for b, a in zip(before, after)]
-    kept = [lab.label in {x.label for x in a} for b, a in old for lab in b[:5] if lab.label not in taught]
+    kept = [lab.label in {x.label for x in a} for b, a in zip(before, after) for lab in b[:5] if lab.label not in taught]
     return {"recall@5_taught_before": recall(before), "recall@5_taught_after": recall(after),
             "old_top5_kept_in_top10": round(float(np.mean(kept)), 4) if kept else 1.0}

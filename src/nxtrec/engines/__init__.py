@@ -13,10 +13,10 @@ def load_engine(model: str | None = None, onnx: str | None = None, device: str =
     """A model directory (None: the bundled default model) on PyTorch, or an exported ONNX
     directory on ONNX Runtime, which runs on the CPU in the export's own dtype. `threads`:
     the engine's CPU threads (default: its own choice). `adapter`: a folder of `nxtrec teach`
-    (PyTorch only; an ONNX export gets it baked in by `export-onnx --adapter`)."""
+    (PyTorch only; for ONNX, export the model of `nxtrec merge-adapter`)."""
     check_engine_choice(model, onnx, device, dtype)
     if onnx and adapter:
-        raise NxtrecError("--adapter needs --model; bake it into an ONNX export with `nxtrec export-onnx --adapter`")
+        raise NxtrecError("--adapter needs --model; for --onnx, run `nxtrec merge-adapter` and export the merged model")
     if onnx:
         from nxtrec.onnx.recognizer import OnnxRecognizer
 

@@ -175,6 +175,7 @@ def test_taught_labels_through_serve(base, examples, adapter):
     finally:
         engine.close()
     assert {lab["label"] for lab in body["results"][0]["labels"][:2]} & TAUGHT
+    assert body["model"] == f"tiny+{adapter.name}"
 
 
 def test_synth_renders_new_categories_as_teach_examples(tmp_path, capsys):

@@ -63,7 +63,8 @@ class Recognizer:
             apply_adapter(model, adapter, path)
         if torch.device(device).type == "cpu":
             optimize_for_cpu(model, dtype)
-        return cls(model, tokenizer, device, name=path.resolve().name)
+        name = path.resolve().name + (f"+{Path(adapter).resolve().name}" if adapter else "")
+        return cls(model, tokenizer, device, name=name)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -41,9 +41,9 @@ from nxtrec.model.adapter import ADAPTER_WEIGHTS
 CHILD = [sys.executable, "-m", "nxtrec.cli.main"]
 
 
-def subset(listing: Path, n: int, out: Path) -> Path:
+def subset(listing: Path, n: int, out: Path, new_only: bool = False) -> Path:
     """The first `n` example scenes of each label, as the JSONL `nxtrec teach` reads, each
-    labelled with every object in it (the new one first)."""
+    labelled with every object in it (the new one first), or with the new one only."""
     counts: dict[str, int] = {}
     rows = []
     for line in listing.read_text().splitlines():
@@ -51,7 +51,7 @@ def subset(listing: Path, n: int, out: Path) -> Path:
         label = row["labels"][0]
         counts[label] = counts.get(label, 0) + 1
         if counts[label] <= n:
-            others = [o for o in row["objects"] if o != label]
+            others = [] if new_only else [o for o in row["objects"] if o != label]
             rows.append({"image": str(listing.parent / row["image"]), "labels": [label, *others]})
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
@@ -154,6 +154,9 @@ def main() -> None:
     ap.add_argument("--full-steps", type=int, default=300, help="steps of the full fine-tune baseline")
     ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--teach-args", default="--encoder-blocks 4", help="more options for nxtrec teach")
+    ap.add_argument("--new-only", action="store_true", help="label the examples with the new name only "
+                    "(the rest left to self-distillation)")
+    ap.add_argument("--no-full", action="store_true", help="skip the full fine-tune baseline")
     ap.add_argument("--out", help="JSON file for the rows")
     ap.add_argument("--cost", metavar="MODEL_DIR", help="only measure the cost per step of teaching MODEL_DIR")
     ap.add_argument("--cost-steps", type=int, default=2)
@@ -173,7 +176,7 @@ def main() -> None:
         rows.append(row("bundled model", base, data))
         rows.append(row("--vocab with the new names", base, data, vocab=str(data["tags"])))
         for n in args.shots:
-            examples, out = subset(data["examples"], n, tmp / f"ex{n}.jsonl"), tmp / f"adapter{n}"
+            examples, out = subset(data["examples"], n, tmp / f"ex{n}.jsonl", args.new_only), tmp / f"adapter{n}"
             cmd = [*CHILD, "teach", "--examples", str(examples), "--out", str(out), "--threads", str(args.threads),
                    *args.teach_args.split()]  # fmt: skip
             seconds, rss = timed_child(cmd, args.threads)
@@ -182,13 +185,14 @@ def main() -> None:
             rows.append(row(f"teach, N={n} ({figures['steps']} steps)", engine, data, seconds, rss,
                             (out / ADAPTER_WEIGHTS).stat().st_size))  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-        n = max(args.shots)
-        examples, out = subset(data["examples"], n, tmp / "full.jsonl"), tmp / "full"
-        cmd = [sys.executable, __file__, "--full-finetune-child", str(examples), str(out), "--threads",
-               str(args.threads), "--full-steps", str(args.full_steps), "--full-lr", str(args.full_lr)]  # fmt: skip
-        seconds, rss = timed_child(cmd, args.threads)
-        rows.append(row(f"full decoder fine-tune, N={n} ({args.full_steps} steps)", load_engine(str(out)), data,
-                        seconds, rss, (out / "model.safetensors").stat().st_size))  # fmt: skip
+        n = 0 if args.no_full else max(args.shots)
+        if n:
+            examples, out = subset(data["examples"], n, tmp / "full.jsonl", args.new_only), tmp / "full"
+            cmd = [sys.executable, __file__, "--full-finetune-child", str(examples), str(out), "--threads",
+                   str(args.threads), "--full-steps", str(args.full_steps), "--full-lr", str(args.full_lr)]  # fmt: skip
+            seconds, rss = timed_child(cmd, args.threads)
+            rows.append(row(f"full decoder fine-tune, N={n} ({args.full_steps} steps)", load_engine(str(out)),
+                            data, seconds, rss, (out / "model.safetensors").stat().st_size))  # fmt: skip
     print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
     for r in rows:
         print("| " + " | ".join("" if v is None else str(v) for v in r.values()) + " |")

@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-steps", type=int, default=300, help="steps of the full fine-tune baseline")
     ap.add_argument("--full-lr", type=float, default=1e-4)
-    ap.add_argument("--teach-args", default="--encoder-blocks 4", help="more options for nxtrec teach")
+    ap.add_argument("--teach-args", default="", help="more options for nxtrec teach")
     ap.add_argument("--new-only", action="store_true", help="label the examples with the new name only "
                     "(the rest left to self-distillation)")
     ap.add_argument("--no-full", action="store_true", help="skip the full fine-tune baseline")

@@ -60,7 +60,7 @@ def labels_of(engine, images, k=3) -> list[list[str]]:
 def test_adapter_files_load_and_teach_the_labels(base, examples, adapter):
     info = json.loads((adapter / ADAPTER_INFO).read_text())
     assert info["base_model"] == model_digest(base)
-    assert info["labels"] == ["blip", "quib", "zorkle"] and info["rank"] == 16
+    assert info["labels"] == ["blip", "quib", "zorkle"] and info["rank"] == 8
     assert len(info["targets"]) == 2 * 7  # 2 decoder blocks x (wq wk wv wo w1 w2 w3)
     assert info["figures"]["recall@5_taught_before"] == 0.0 < info["figures"]["recall@5_taught_after"]
     assert not (adapter / STATE_FILE).exists()
@@ -103,7 +103,7 @@ def test_wrong_base_model_is_refused_in_one_line(adapter, tmp_path, capsys):
 
 def test_verify_checks_adapter_files(adapter, tmp_path, capsys):
     assert main(["verify", str(adapter)]) == 0
-    assert "adapter: rank 16" in capsys.readouterr().out
+    assert "adapter: rank 8" in capsys.readouterr().out
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / ADAPTER_INFO).write_text((adapter / ADAPTER_INFO).read_text())

@@ -16,13 +16,13 @@ def register(sub) -> None:
                    help="a JSONL file of {\"image\": PATH, \"labels\": [...]}, or a folder with one sub-folder "
                    "of images per label")
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="adapter folder to write")
-    p.add_argument("--rank", type=positive_int, default=16, help="adapter rank (default 16)")
+    p.add_argument("--rank", type=positive_int, default=8, help="adapter rank (default 8)")
     p.add_argument("--alpha", type=positive_float, default=16.0, help="adapter scale numerator (default 16)")
     p.add_argument("--encoder-blocks", type=non_negative_int, default=0,
                    help="also adapt the last N encoder blocks and the projection (default 0)")
     p.add_argument("--steps", type=positive_int, default=300, help="most optimizer steps (default 300)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per step (default 16)")
-    p.add_argument("--lr", type=positive_float, default=5e-3, help="learning rate (default 5e-3)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="learning rate (default 2e-3)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed: the same seed gives the same adapter")
     p.add_argument("--held-out", type=fraction, default=0.2, help="share of each label's examples held out "
                    "for early stopping and the before/after figures (default 0.2)")
@@ -32,8 +32,8 @@ def register(sub) -> None:
                    "before stopping (default 4)")
     p.add_argument("--replay-scenes", type=non_negative_int, help="synthetic scenes of the old categories "
                    "mixed in (default: 400 for the bundled model, 0 otherwise)")
-    p.add_argument("--distill-min-prob", type=probability, default=0.05, help="the model's own labels on "
-                   "the examples kept as targets from this probability (default 0.05)")
+    p.add_argument("--distill-min-prob", type=probability, default=0.3, help="the model's own labels on "
+                   "the examples kept as targets from this probability (default 0.3)")
     p.add_argument("--threads", type=int_at_least(1), default=2, help="CPU threads (fixed, for the same "
                    "adapter on every run; default 2)")
     p.set_defaults(func=run)

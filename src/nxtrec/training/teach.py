@@ -32,19 +32,19 @@ MAX_TEXT_TOKENS = 64
 
 @dataclass(frozen=True)
 class TeachOptions:
-    rank: int = 16
+    rank: int = 8
     alpha: float = 16.0
     encoder_blocks: int = 0  # also adapt the last N encoder blocks (and the projection)
     steps: int = 300  # at most; early stopping may end sooner
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 2e-3
     seed: int = 0
     held_out: float = 0.2  # fraction of each label's examples held out
     eval_every: int = 25  # steps between held-out evaluations (and checkpoints)
     patience: int = 4  # evaluations without improvement before stopping
     replay: float = 0.5  # fraction of each batch drawn from replay scenes (when any)
     replay_scenes: int | None = None  # None: 400 for the bundled model, 0 otherwise
-    distill_min_prob: float = 0.05  # the model's own labels kept as targets from this probability
+    distill_min_prob: float = 0.3  # the model's own labels kept as targets from this probability
     threads: int = 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import device
 
@@ -26,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no note on stderr about the bundled demo model, no loading line")
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 
@@ -103,7 +105,7 @@ def run(args) -> int:
 
     layers, heads = selected(args)  # out of range: an error before the weights load
     with loading("attention", args.model, quiet=args.quiet):
-        rec = Recognizer.from_pretrained(args.model, device=args.device)
+        rec = Recognizer.from_pretrained(args.model, device=args.device, adapter=args.adapter)
     demo_notice(args.model, quiet=args.quiet)
     dec = rec.config.decoder
     if not layers:  # config.json was not readable before loading

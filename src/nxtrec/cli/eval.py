@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.metric_options import add_embedder_arguments, add_match_arguments, calibration_lines
 from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import device, existing_dir, fraction, non_negative_int, positive_int
@@ -38,6 +39,7 @@ def register(sub) -> None:
                    help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p)
     add_match_arguments(p)
+    add_adapter_argument(p)
     p.set_defaults(func=run_eval)
 
 
@@ -53,7 +55,7 @@ def run_eval(args) -> int:
 
     def load(device: str):
         with loading("eval", args.model, args.onnx, quiet=args.quiet):
-            return load_engine(args.model, args.onnx, device=device, dtype=args.dtype)
+            return load_engine(args.model, args.onnx, device=device, dtype=args.dtype, adapter=args.adapter)
 
     skipped: dict[str, int] = {}
     damaged: list[dict] = []

@@ -37,6 +37,8 @@ COMMAND_MODULES = [
     "calibrate",
     "export",
     "import_",
+    "teach",
+    "merge_adapter",
 ]
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.confidence_options import add_confidence_arguments, check_engine_confidence, confidence_kwargs
 from nxtrec.cli.notices import DEMO_NOTICE, demo_notice, loading  # noqa: F401 (DEMO_NOTICE: imported from here too)
 from nxtrec.cli.options import (
@@ -54,6 +55,7 @@ def register(sub) -> None:
                    help=f"refuse images with more pixels (default {MAX_IMAGE_PIXELS}; NXTREC_MAX_IMAGE_PIXELS)")
     add_vocab_arguments(p)
     add_confidence_arguments(p)
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 
@@ -116,7 +118,8 @@ def run(args) -> int:
         check_onnx_dir(args.onnx, args.verify)
     quiet = args.quiet or args.json
     with loading("predict", args.model, args.onnx, quiet=quiet):
-        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype, calibration=args.calibration)
+        engine = load_engine(args.model, args.onnx, device=args.device, dtype=args.dtype, calibration=args.calibration,
+                             adapter=args.adapter)
     check_top_k(options, engine.vocab_size)
     check_engine_confidence(engine, options)
     demo_notice(args.model, args.onnx, quiet=quiet)

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.confidence_options import add_confidence_arguments, check_engine_confidence, confidence_kwargs
 from nxtrec.cli.notices import demo_notice, loading
 from nxtrec.cli.options import (
@@ -53,6 +54,7 @@ def register(sub) -> None:
                    help="no note on stderr about the bundled demo model, no loading line")
     add_vocab_arguments(p, compat=False)
     add_confidence_arguments(p)
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 
@@ -84,7 +86,7 @@ def run(args) -> int:
     demo_notice(args.model, args.onnx, quiet=args.quiet)  # GET /v1/info tells the web page ("demo")
     with loading("serve", args.model, args.onnx, quiet=args.quiet):
         engine = start_engine_process(args.model, args.onnx, device=args.device, dtype=args.dtype,
-                                      processes=args.processes, calibration=args.calibration)  # fmt: skip
+                                      processes=args.processes, calibration=args.calibration, adapter=args.adapter)  # fmt: skip
     try:
         check_engine_confidence(engine, options)
         print(f"nxtrec serve: model {engine.name}, http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)

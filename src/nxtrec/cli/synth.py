@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=positive_int, default=1000, help="scenes per shard")
     p.add_argument("--workers", type=positive_int, default=1, help="packing processes")
     p.add_argument("--backend", default="spacy", choices=["spacy", "nltk"], help="label backend for the ground truth")
+    p.add_argument("--new-categories", metavar="N|NAMES", help="instead: --n scenes per emoji category the bundled "
+                   "model never saw (the first N, or names such as octopus,robot), one folder per label (the "
+                   "input of nxtrec teach) plus scenes.jsonl with every scene's objects")
     p.set_defaults(func=run)
 
 
@@ -30,6 +33,12 @@ def run(args) -> int:
         if args.tag_list:
             return 0
         raise NxtrecError("give --out DIR (the scenes) and/or --tag-list FILE (the categories)")
+    if args.new_categories:
+        from nxtrec.data.synth_new import new_categories, render_new
+
+        listing = render_new(args.out, new_categories(args.new_categories), args.n, args.seed, args.size)
+        print(f"new categories: {listing} (teach with: nxtrec teach --examples {args.out} --out ADAPTER_DIR)")
+        return 0
     summaries = generate(args.out, args.n, args.seed, args.val, args.size, args.shard_size, args.workers, args.backend)
     for split, summary in summaries.items():
         print(f"{split}: {summary.format()}")

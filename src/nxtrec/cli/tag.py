@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from nxtrec.cli.adapter_options import add_adapter_argument
 from nxtrec.cli.options import (
     existing_dir,
     fraction,
@@ -72,6 +73,7 @@ def register(sub) -> None:
                    help="check that OUT holds every shard once, complete, and write its manifest (no tagging)")
     add_vocab_arguments(p)
     add_confidence_arguments(p)
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 

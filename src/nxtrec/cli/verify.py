@@ -8,6 +8,8 @@
   the embedding table;
 - a calibration (calibration.json, `nxtrec calibrate`) in either: its values, and that it was
   fitted for this model (the model's digest);
+- an adapter folder (`adapter.json`, nxtrec teach): its description, every tensor named there
+  present with a consistent shape, float and finite;
 - training checkpoint (`ckpt-STEP/`) or run directory (`checkpoints/`): each checkpoint's
   tensors and state are read, its tensors float and finite.
 
@@ -24,7 +26,7 @@ from nxtrec.errors import NxtrecError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("verify", help="check model, ONNX export and checkpoint directories (sizes, hashes, shapes)")
+    p = sub.add_parser("verify", help="check model, ONNX export, adapter and checkpoint directories (sizes, hashes, shapes)")
     p.add_argument("dirs", nargs="+", type=existing_dir, metavar="DIR", help="directories to check")
     p.set_defaults(func=run)
 
@@ -41,6 +43,10 @@ def verify_dir(path: Path) -> str:
         table = load_embeddings(path / manifest.get("files", {}).get("embeddings", "embeddings.npy"))
         return (f"ONNX export: {n} files match their size and SHA-256, embeddings {table.shape[0]}x{table.shape[1]}"
                 + calibration_note(export_calibration(path, manifest)))
+    if (path / "adapter.json").is_file():
+        from nxtrec.model.adapter import verify_adapter
+
+        return verify_adapter(path)
     if (path / "config.json").is_file():
         from nxtrec.inference.calibration import calibration_for
         from nxtrec.model.directory import verify_model_dir

@@ -252,11 +252,15 @@ class SceneObject:
         return {"object": self.name, "box": [max(0, x0), max(0, y0), min(size, x1), min(size, y1)]}
 
 
-def render_scene(rng: random.Random, size: int = 256) -> tuple[Image.Image, str, list[SceneObject]]:
-    """One scene: the image, a caption written from its content, and the objects drawn."""
+def render_scene(rng: random.Random, size: int = 256,
+                 include: Category | None = None) -> tuple[Image.Image, str, list[SceneObject]]:
+    """One scene: the image, a caption written from its content, and the objects drawn.
+    `include`: a category drawn in place of the first one picked (nxtrec.data.synth_new)."""
     img = background(rng, size)
     n_kinds = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
     kinds = rng.sample(CATEGORIES, n_kinds)
+    if include is not None:
+        kinds[0] = include
     counts = []
     budget = 6
     for i, _ in enumerate(kinds):

@@ -9,12 +9,15 @@ from nxtrec.inference.engine import Capabilities, Engine
 
 
 def load_engine(model: str | None = None, onnx: str | None = None, device: str = "cpu", dtype: str = "float32",
-                threads: int | None = None, calibration: str | None = None) -> Engine:
+                threads: int | None = None, calibration: str | None = None, adapter: str | None = None) -> Engine:
     """A model directory (None: the bundled default model) on PyTorch, or an exported ONNX
     directory on ONNX Runtime, which runs on the CPU in the export's own dtype. `threads`:
     the engine's CPU threads (default: its own choice). `calibration`: a calibration file
-    (default: the model's own, when it has one; nxtrec.inference.calibration)."""
+    (default: the model's own, when it has one; nxtrec.inference.calibration). `adapter`: a
+    folder of `nxtrec teach` (PyTorch only; for ONNX, export the model of `nxtrec merge-adapter`)."""
     check_engine_choice(model, onnx, device, dtype)
+    if onnx and adapter:
+        raise NxtrecError("--adapter needs --model; for --onnx, run `nxtrec merge-adapter` and export the merged model")
     if onnx:
         from nxtrec.onnx.recognizer import OnnxRecognizer
 
@@ -25,7 +28,7 @@ def load_engine(model: str | None = None, onnx: str | None = None, device: str =
         import torch
 
         torch.set_num_threads(threads)
-    return Recognizer.from_pretrained(model, device=device, dtype=dtype, calibration=calibration)
+    return Recognizer.from_pretrained(model, device=device, dtype=dtype, calibration=calibration, adapter=adapter)
 
 
 def check_engine_choice(model: str | None, onnx: str | None, device: str = "cpu", dtype: str = "float32") -> None:

@@ -51,18 +51,24 @@ class Recognizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
-                        calibration: str | Path | None = None) -> "Recognizer":  # fmt: skip
+                        calibration: str | Path | None = None, adapter: str | Path | None = None) -> "Recognizer":  # fmt: skip
         """Load a model directory (`None`: the bundled default model). On the CPU the model is
         prepared for fast inference (nxtrec.inference.cpu); dtype "int8" (CPU only) quantises
         its Linear layers. `calibration`: a calibration file (default: the directory's
-        calibration.json, when it has one), which gives every label a `confidence`."""
+        calibration.json, when it has one), which gives every label a `confidence`. `adapter`: a
+        folder of `nxtrec teach`, merged into the weights."""
         if dtype == "int8" and torch.device(device).type != "cpu":
             raise NxtrecError(f"--dtype int8 runs on the CPU only (not {device}); use bfloat16 or float16 on a GPU")
         path = Path(path or default_model_dir())
         model, tokenizer = load_model_dir(path, device=device, dtype=DTYPES["float32" if dtype == "int8" else dtype])
+        if adapter:
+            from nxtrec.model.adapter import apply_adapter
+
+            apply_adapter(model, adapter, path)
         if torch.device(device).type == "cpu":
             optimize_for_cpu(model, dtype)
-        recognizer = cls(model, tokenizer, device, name=path.resolve().name)
+        name = path.resolve().name + (f"+{Path(adapter).resolve().name}" if adapter else "")
+        recognizer = cls(model, tokenizer, device, name=name)
         recognizer.calibration = calibration_for(path, calibration)
         return recognizer
 

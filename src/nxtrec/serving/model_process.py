@@ -78,13 +78,16 @@ class ModelProcesses:
 
 
 def start_engine_process(model: str | None = None, onnx: str | None = None, device: str = "cpu",
-                         dtype: str = "float32", processes: int = 1, calibration: str | None = None) -> ModelProcesses:
+                         dtype: str = "float32", processes: int = 1, calibration: str | None = None,
+                         adapter: str | None = None) -> ModelProcesses:
     """`load_engine` in `processes` child processes; raises `NxtrecError` with a child's message
     when the model cannot be loaded. With several, each runs its share of a batch on
     cores/processes threads (or $OMP_NUM_THREADS). A child is a fresh interpreter (`python -m`,
     not multiprocessing's spawn, which would re-run the caller's main script)."""
     load = {"model": model, "onnx": onnx, "device": device, "dtype": dtype}
     load.update({"calibration": calibration} if calibration else {})
+    if adapter:  # a folder of `nxtrec teach`, merged at load
+        load["adapter"] = adapter
     threads = threads_per_process(processes) if processes > 1 else None
     clients = [_Client.start(load, threads) for _ in range(processes)]  # they load at the same time
     pool = _Pool(clients)

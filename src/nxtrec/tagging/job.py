@@ -67,6 +67,7 @@ class TagOptions:
     xmp_parent: str = "nxtrec"  # --format xmp: the parent of nxtrec's hierarchical keywords
     shard_id: int | None = None  # this job's shard of the collection (nxtrec.tagging.split)
     num_shards: int | None = None
+    adapter: str | None = None  # an adapter folder of `nxtrec teach` (nxtrec.model.adapter)
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(top_k=self.top_k, extra_k=self.extra_k, ranking=self.ranking, maps=self.maps,
@@ -121,6 +122,7 @@ class TagOptions:
         options.update(tag_confidence_settings(self))  # only with a calibration: older folders resume
         options.update({"xmp_name": self.xmp_name, "xmp_parent": self.xmp_parent} if self.fmt == "xmp" else {})
         options.update({"shard": [self.shard_id, self.num_shards]} if self.num_shards is not None else {})
+        options.update({"adapter": os.path.abspath(self.adapter)} if self.adapter else {})
         return {"model": model, "inputs": {"count": len(items), "sha256": inputs_digest(items)}, "options": options}
 
 
@@ -273,7 +275,8 @@ def _run_job(opts: TagOptions, output: TagOutput, items: list[InputItem], roots:
     ranks, device = _join_ranks(opts)
     try:
         with loading():
-            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype, calibration=opts.calibration)
+            engine = load_engine(opts.model, opts.onnx, device=device, dtype=opts.dtype, calibration=opts.calibration,
+                                 adapter=opts.adapter)
         if ranks.rank == 0:
             _prepare(output, opts, settings, roots)
         ranks.barrier()

@@ -443,8 +443,9 @@ def test_a_calibration_travels_with_the_export(model_dir, onnx_dir, images, tmp_
     """export-onnx records the model's digest and copies its calibration with a SHA-256
     (`copy_calibration`, the step it ends with); the ONNX labels then carry the same
     confidences as the PyTorch ones, and verify catches a changed calibration file."""
+    from nxtrec.digests import model_digest
     from nxtrec.evaluation.calibration import fit_calibration
-    from nxtrec.inference.calibration import CALIBRATION_FILE, model_digest
+    from nxtrec.inference.calibration import CALIBRATION_FILE
     from nxtrec.onnx.calibration import copy_calibration
 
     model, export = tmp_path / "model", tmp_path / "export"

@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from nxtrec.model.directory import save_model_dir
 from nxtrec.onnx.export import export_onnx
-from nxtrec.onnx.integrity import sha256_file
+from nxtrec.digests import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = str(ROOT / "examples" / "scene.jpg")
@@ -37,7 +37,7 @@ def test_manifest_records_size_and_sha256_of_every_file(export):
     assert sorted(manifest["sha256"]) == sorted(manifest["sizes"]) == files
     for name in files:
         assert manifest["sizes"][name] == (export / name).stat().st_size
-        assert manifest["sha256"][name] == sha256_file(export / name)
+        assert manifest["sha256"][name] == file_sha256(export / name)
 
 
 @pytest.mark.slow  # seven CLI runs

@@ -103,8 +103,12 @@ def test_shard_options_are_checked(tiny_model_dir, images, tmp_path, capsys):
     assert _tag(tiny_model_dir, tmp_path / "o", images, "--shard-id", "1") == 2
     assert main(["tag", str(images), "--merge", str(tmp_path)]) == 2
     assert main(["tag", str(images)]) == 2
+    assert _tag(tiny_model_dir, tmp_path / "o", images, "--shard-id", "0", "--num-shards", "2", "--format", "hf") == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["nxtrec tag: error: --shard-id must be from 0 to 2 (--num-shards 3)",
                    "nxtrec tag: error: --shard-id and --num-shards go together",
                    "nxtrec tag: error: --merge OUT takes no inputs and no --out",
-                   "nxtrec tag: error: --out is required (or --merge OUT)"]  # fmt: skip
+                   "nxtrec tag: error: --out is required (or --merge OUT)",
+                   "nxtrec tag: error: --format hf writes one metadata.jsonl for the whole collection: tag it "
+                   "without --num-shards, or shard with --format jsonl, csv or parquet"]  # fmt: skip
+    assert not (tmp_path / "o").exists()  # refused before anything is written

@@ -18,8 +18,9 @@ from datagen import write_image
 
 from nxtrec.cli.main import main
 from nxtrec.engines import load_engine
+from nxtrec.digests import model_digest
 from nxtrec.errors import NxtrecError
-from nxtrec.model.adapter import ADAPTER_INFO, ADAPTER_WEIGHTS, AdapterError, model_digest, verify_adapter
+from nxtrec.model.adapter import ADAPTER_INFO, ADAPTER_WEIGHTS, AdapterError, verify_adapter
 from nxtrec.model.presets import init_model
 from nxtrec.training.teach import STATE_FILE, TeachOptions, teach
 
@@ -190,3 +191,30 @@ def test_synth_renders_new_categories_as_teach_examples(tmp_path, capsys):
     assert [ex.labels for ex in read_examples(tmp_path)] == [("octopus",)] * 2 + [("robot",)] * 2
     assert main(["synth", "--new-categories", "piano", "--n", "1", "--out", str(tmp_path)]) == 2
     assert "unknown 'piano'" in capsys.readouterr().err
+
+
+def test_an_adapter_turns_off_the_base_models_own_calibration(base, examples, adapter, tmp_path):
+    """The directory's calibration.json describes the base model: with --adapter, labels get
+    no confidence unless a calibration file is given explicitly."""
+    import shutil
+
+    import numpy as np
+
+    from nxtrec.evaluation.calibration import fit_calibration
+    from nxtrec.inference.calibration import CALIBRATION_FILE
+
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    rng = np.random.default_rng(0)
+    probs = rng.random(400) ** 4
+    fitted = fit_calibration(probs, rng.random(400) < probs**0.5, np.arange(400) // 4, model_digest(model))
+    (model / CALIBRATION_FILE).write_text(json.dumps(fitted.to_dict()))
+    image = [str(sorted((examples / "img").glob("*.jpg"))[0])]
+
+    def confidences(**kw):
+        return [lab.confidence for lab in load_engine(str(model), **kw).predict(image, top_k=3)[0]]
+
+    assert all(c is not None for c in confidences())
+    assert confidences(adapter=str(adapter)) == [None] * 3
+    explicit = confidences(adapter=str(adapter), calibration=str(model / CALIBRATION_FILE))
+    assert all(c is not None for c in explicit)

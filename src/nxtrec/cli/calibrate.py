@@ -54,7 +54,8 @@ def run(args) -> int:
     from nxtrec.evaluation.evaluate import predict_records
     from nxtrec.evaluation.reliability import write_reliability_diagram
     from nxtrec.extras import require
-    from nxtrec.inference.calibration import CALIBRATION_FILE, model_digest
+    from nxtrec.digests import model_digest
+    from nxtrec.inference.calibration import CALIBRATION_FILE
     from nxtrec.inference.engine import DecodeOptions
     from nxtrec.model.directory import default_model_dir
     from nxtrec.tagging.output import write_atomic

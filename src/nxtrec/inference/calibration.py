@@ -14,7 +14,6 @@ fitted for another model is refused (docs/calibration.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nxtrec.digests import model_digest
 from nxtrec.errors import NxtrecError
 from nxtrec.inference.ranking import Label, rounded
 
@@ -31,27 +31,11 @@ FORMAT_VERSION = 1
 METHODS = ("isotonic", "platt")
 PROFILES = ("precision", "balanced", "recall")
 # The files of a model directory that its digest covers (nxtrec.model.files names them too).
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model")
 LOGIT_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before the logit of Platt scaling
 
 
 class CalibrationError(NxtrecError):
     pass
-
-
-def model_digest(model_dir: str | Path) -> str:
-    """SHA-256 over a model directory's config, weights and tokenizer (name and bytes of
-    each), the identity a calibration is checked against."""
-    digest = hashlib.sha256()
-    for name in MODEL_FILES:
-        path = Path(model_dir) / name
-        if not path.is_file():
-            raise CalibrationError(f"{model_dir}: {name} is missing; cannot compute the model's digest")
-        digest.update(name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def logit(probs) -> np.ndarray:

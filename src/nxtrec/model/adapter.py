@@ -10,7 +10,6 @@ one extra matmul during training and one merge at load time."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from nxtrec.digests import model_digest
 from nxtrec.errors import NxtrecError
-from nxtrec.model.files import WEIGHTS_FILE, check_weights
+from nxtrec.model.files import check_weights
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_INFO = "adapter.json"
@@ -117,7 +117,7 @@ def load_lora_state(wrapped: dict[str, LoRALinear], state: dict[str, torch.Tenso
 class AdapterInfo:
     """`adapter.json`: what the adapter is for and how it was made."""
 
-    base_model: str  # SHA-256 of the base model's model.safetensors
+    base_model: str  # the base model's digest (nxtrec.digests.model_digest)
     rank: int
     alpha: float
     targets: list[str]
@@ -134,19 +134,6 @@ class AdapterInfo:
             return cls(**raw)
         except (OSError, ValueError, TypeError) as e:
             raise AdapterError(f"{folder / ADAPTER_INFO}: not a readable adapter description ({e})") from None
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_digest(model_dir: str | Path) -> str:
-    """The base model's identity: SHA-256 of its weights file (about 1 s per GB)."""
-    return file_digest(Path(model_dir) / WEIGHTS_FILE)
 
 
 def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], info: AdapterInfo) -> Path:

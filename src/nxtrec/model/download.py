@@ -12,7 +12,6 @@ directory (docs/design.md#formats-that-load). Nothing in nxtrec downloads anythi
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -21,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from nxtrec.digests import file_sha256
 from nxtrec.errors import NxtrecError
 from nxtrec.extras import install_hint
 
@@ -151,13 +151,6 @@ def _fetch_into(url: str, part: Path) -> None:
     if 0 <= received < expected:  # http.client returns a short body without complaint
         raise http.client.IncompleteRead(b"", expected - received)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hf_fetch(repo_id: str, filename: str, token: str | None, cache: Path | None) -> Path:

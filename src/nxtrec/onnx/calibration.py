@@ -10,15 +10,14 @@ import os
 import shutil
 from pathlib import Path
 
+from nxtrec.digests import file_sha256, model_digest
 from nxtrec.inference.calibration import (
     CALIBRATION_FILE,
     Calibration,
     CalibrationError,
     calibration_for,
-    model_digest,
 )
 from nxtrec.onnx.format import MANIFEST
-from nxtrec.onnx.integrity import sha256_file
 
 
 def copy_calibration(model_dir: str | Path, out_dir: str | Path) -> Calibration | None:
@@ -35,7 +34,7 @@ def copy_calibration(model_dir: str | Path, out_dir: str | Path) -> Calibration 
     manifest.pop("calibration", None)
     if calibration is not None:
         shutil.copyfile(model_dir / CALIBRATION_FILE, target)
-        sha = sha256_file(target)
+        sha = file_sha256(target)
         manifest["calibration"] = {"file": CALIBRATION_FILE, "sha256": sha}
         manifest.setdefault("sizes", {})[CALIBRATION_FILE] = target.stat().st_size
         manifest.setdefault("sha256", {})[CALIBRATION_FILE] = sha
@@ -58,7 +57,7 @@ def export_calibration(path: Path, manifest: dict | None, file: str | Path | Non
                                "an older nxtrec); re-export with nxtrec export-onnx to use a calibration")
     if file is None:
         file = Path(path) / recorded["file"]
-        if not file.is_file() or sha256_file(file) != recorded["sha256"]:
+        if not file.is_file() or file_sha256(file) != recorded["sha256"]:
             raise CalibrationError(f"{file}: missing or its SHA-256 differs from {MANIFEST} (damaged or replaced); "
                                    "re-export")
     return calibration_for(None, file, digest=digest)

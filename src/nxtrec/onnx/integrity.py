@@ -5,34 +5,25 @@ Torch-free: the ONNX runtime path imports it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from nxtrec.digests import file_sha256
 from nxtrec.errors import NxtrecError
 from nxtrec.onnx.format import MANIFEST
 
-_CHUNK = 1 << 22
 
 
 class IntegrityError(NxtrecError):
     pass
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_records(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
     """(sizes, SHA-256) of every file in `folder` but the manifest, for the manifest."""
     files = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != MANIFEST]
-    return {p.name: p.stat().st_size for p in files}, {p.name: sha256_file(p) for p in files}
+    return {p.name: p.stat().st_size for p in files}, {p.name: file_sha256(p) for p in files}
 
 
 def check_sizes(folder: Path, manifest: dict) -> None:
@@ -57,7 +48,7 @@ def check_hashes(folder: Path, manifest: dict) -> int:
                              "re-export to verify")
     check_sizes(folder, manifest)
     for name, expected in hashes.items():
-        if sha256_file(Path(folder) / name) != expected:
+        if file_sha256(Path(folder) / name) != expected:
             raise IntegrityError(f"{Path(folder) / name}: SHA-256 differs from {MANIFEST} (damaged or replaced)")
     return len(hashes)
 

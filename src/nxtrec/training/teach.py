@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nxtrec.digests import model_digest
 from nxtrec.inference.engine import Preprocessing
 from nxtrec.inference.recognizer import Recognizer
-from nxtrec.model.adapter import (AdapterInfo, attach_lora, detach_lora, load_lora_state, lora_state, model_digest,
+from nxtrec.model.adapter import (AdapterInfo, attach_lora, detach_lora, load_lora_state, lora_state,
                                   save_adapter, target_names)  # fmt: skip
 from nxtrec.model.directory import default_model_dir, load_model_dir
 from nxtrec.training.step import TrainStep

@@ -59,3 +59,16 @@ def tiny_model(tokenizer, n_layers=2, seed=0, delimiter_bias=2.0):
         direction = torch.nn.functional.normalize(torch.randn(cfg.decoder.dim), dim=0)
         model.language_decoder.output.weight[tokenizer.delimiter_id] += delimiter_bias * direction
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_export(tokenizer, tokenizer_file, tmp_path_factory) -> Path:
+    """A one-layer tiny model exported to ONNX once per session (about 15 s); tests only read
+    it (copy it before changing anything)."""
+    from nxtrec.model.directory import save_model_dir
+    from nxtrec.onnx.export import export_onnx
+
+    root = tmp_path_factory.mktemp("tiny-onnx")
+    model_dir = save_model_dir(tiny_model(tokenizer, n_layers=1, seed=3), tokenizer_file, root / "model")
+    export_onnx(model_dir, root / "onnx", validate=False, log=lambda *_: None)
+    return root / "onnx"

@@ -9,7 +9,6 @@ import json
 import datagen
 import pyarrow as pa
 import pytest
-from conftest import tiny_model
 
 from nxtrec.cli.main import main
 from nxtrec.integrations.arrow import ArrowTagger, IntegrationError, TaggerConfig
@@ -18,25 +17,14 @@ from nxtrec.tagging.output import read_records
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def onnx_dir(tokenizer, tokenizer_file, tmp_path_factory):
-    from nxtrec.model.directory import save_model_dir
-    from nxtrec.onnx.export import export_onnx
-
-    tmp = tmp_path_factory.mktemp("arrow-onnx")
-    model_dir = save_model_dir(tiny_model(tokenizer, n_layers=1, seed=5), tokenizer_file, tmp / "model")
-    export_onnx(model_dir, tmp / "onnx", validate=False, log=lambda *_: None)
-    return tmp / "onnx"
-
-
-def test_onnx_engine_gives_the_records_of_tag_onnx(onnx_dir, tmp_path):
+def test_onnx_engine_gives_the_records_of_tag_onnx(tiny_onnx_export, tmp_path):
     paths = [datagen.write_image(tmp_path / "imgs" / f"{i:02d}.jpg", i, size=(30 + i, 20 + 2 * i)) for i in range(12)]
     paths.append(datagen.corrupt_jpeg(tmp_path / "imgs" / "99.jpg"))
-    assert main(["tag", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--onnx", str(onnx_dir),
+    assert main(["tag", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--onnx", str(tiny_onnx_export),
                  "--top-k", "3", "--workers", "1"]) == 1  # fmt: skip
     want = {r["id"]: r for r in read_records(tmp_path / "out")}
     table = pa.table({"key": [str(p) for p in paths], "jpg": [p.read_bytes() for p in paths]})
-    tagger = ArrowTagger(TaggerConfig.of(onnx=str(onnx_dir), image_column="jpg", id_column="key", top_k=3,
+    tagger = ArrowTagger(TaggerConfig.of(onnx=str(tiny_onnx_export), image_column="jpg", id_column="key", top_k=3,
                                          batch_size=5))  # fmt: skip
     rows = tagger.tag_table(table).to_pylist()
     assert [r["key"] for r in rows] == [str(p) for p in paths] and "jpg" not in rows[0]
@@ -51,8 +39,8 @@ def test_onnx_engine_gives_the_records_of_tag_onnx(onnx_dir, tmp_path):
     assert bad["error"] == error
 
 
-def test_bad_columns_are_one_clear_error(onnx_dir):
-    tagger = ArrowTagger(TaggerConfig.of(onnx=str(onnx_dir), image_column="img", top_k=2))
+def test_bad_columns_are_one_clear_error(tiny_onnx_export):
+    tagger = ArrowTagger(TaggerConfig.of(onnx=str(tiny_onnx_export), image_column="img", top_k=2))
     with pytest.raises(IntegrationError, match=r"no column 'img' \(image_column\) among \['x'\]"):
         tagger.tag_table(pa.table({"x": [1]}))
     with pytest.raises(IntegrationError, match="column 'img' is int64: it must hold image bytes"):

@@ -7,22 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
 
-from nxtrec.model.directory import save_model_dir
-from nxtrec.onnx.export import export_onnx
 from nxtrec.digests import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = str(ROOT / "examples" / "scene.jpg")
-
-
-@pytest.fixture(scope="module")
-def export(tokenizer, tokenizer_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("integrity")
-    model_dir = save_model_dir(tiny_model(tokenizer, n_layers=1, seed=3), tokenizer_file, root / "model")
-    export_onnx(model_dir, root / "onnx", validate=False, log=lambda *_: None)
-    return root / "onnx"
 
 
 def _nxtrec(*args):
@@ -31,7 +20,8 @@ def _nxtrec(*args):
     return proc
 
 
-def test_manifest_records_size_and_sha256_of_every_file(export):
+def test_manifest_records_size_and_sha256_of_every_file(tiny_onnx_export):
+    export = tiny_onnx_export
     manifest = json.loads((export / "nxtrec-onnx.json").read_text())
     files = sorted(p.name for p in export.iterdir() if p.name != "nxtrec-onnx.json")
     assert sorted(manifest["sha256"]) == sorted(manifest["sizes"]) == files
@@ -41,9 +31,9 @@ def test_manifest_records_size_and_sha256_of_every_file(export):
 
 
 @pytest.mark.slow  # seven CLI runs
-def test_damaged_exports_are_refused_with_the_file_named(export, tmp_path):
+def test_damaged_exports_are_refused_with_the_file_named(tiny_onnx_export, tmp_path):
     damaged = tmp_path / "onnx"
-    shutil.copytree(export, damaged)
+    shutil.copytree(tiny_onnx_export, damaged)
     good = _nxtrec("predict", SCENE, "--onnx", str(damaged), "--verify", "--top-k", "3")
     assert good.returncode == 0 and good.stdout.startswith(SCENE)
     assert _nxtrec("verify", str(damaged)).returncode == 0

@@ -74,6 +74,33 @@ def test_adapter_files_load_and_teach_the_labels(base, examples, adapter):
     assert not any(set(labs) & TAUGHT for labs in plain)
 
 
+def test_output_rows_change_only_the_taught_labels_tokens(base, adapter, tmp_path):
+    """The adapter's output rows are the pieces of the taught labels; merged, they change
+    those rows of the output layer and no other. A format-1 adapter (before output rows) loads."""
+    from safetensors.torch import load_file, save_file
+
+    from nxtrec.model.adapter import merge_adapter_dir
+    from nxtrec.model.directory import load_model_dir
+    from nxtrec.training.teach import label_token_ids
+
+    info = json.loads((adapter / ADAPTER_INFO).read_text())
+    _, tokenizer = load_model_dir(base)
+    assert info["output_rows"] == label_token_ids(tokenizer, info["labels"]) != []
+    assert tokenizer.delimiter_id not in info["output_rows"]
+    key = "language_decoder.output.weight"
+    merged = merge_adapter_dir(base, adapter, tmp_path / "merged")
+    before, after = load_file(base / "model.safetensors")[key], load_file(merged / "model.safetensors")[key]
+    assert (before != after).any(dim=1).nonzero().flatten().tolist() == info["output_rows"]
+    old = tmp_path / "format1"
+    old.mkdir()
+    state = load_file(adapter / ADAPTER_WEIGHTS)
+    del state["language_decoder.output.rows"]
+    save_file(state, old / ADAPTER_WEIGHTS)
+    (old / ADAPTER_INFO).write_text(json.dumps({k: v for k, v in {**info, "format": 1}.items() if k != "output_rows"}))
+    assert "0 output rows" in verify_adapter(old, base)
+    assert labels_of(load_engine(str(base), adapter=str(old)), [ROOT / "examples" / "scene.jpg"])
+
+
 def test_without_adapter_outputs_are_unchanged(base, adapter, photos):
     """The base model's file is untouched and loading without --adapter is the plain model."""
     from nxtrec.inference.recognizer import Recognizer
@@ -218,3 +245,56 @@ def test_an_adapter_turns_off_the_base_models_own_calibration(base, examples, ad
     assert confidences(adapter=str(adapter)) == [None] * 3
     explicit = confidences(adapter=str(adapter), calibration=str(model / CALIBRATION_FILE))
     assert all(c is not None for c in explicit)
+
+
+def test_examples_from_a_label_studio_export(examples, tmp_path, monkeypatch):
+    """A Label Studio JSON export as Label Studio writes it: each annotated task's choices
+    (or taxonomy leaves) are its labels; images by nxtrec's id (tasks made by `nxtrec export
+    labelstudio`) or by their local-file URL, relative to --image-root; unannotated, cancelled
+    and empty tasks teach nothing."""
+    from nxtrec.training.teach_data import read_examples
+
+    def annotated(result, **kw):
+        return {"annotations": [{"result": result, "was_cancelled": False, **kw}]}
+
+    choices = [{"from_name": "tags", "to_name": "image", "type": "choices", "value": {"choices": ["Zorkle", "quib"]}}]
+    taxonomy = [{"type": "taxonomy", "value": {"taxonomy": [["animals", "blip"]]}}]
+    export = [
+        {"id": 1, "data": {"image": "/data/local-files/?d=img/0.jpg", "nxtrec_id": "img/0.jpg"}, **annotated(choices)},
+        {"id": 2, "data": {"image": "/data/local-files/?d=img/1%20b.jpg"}, **annotated(taxonomy)},
+        {"id": 3, "data": {"image": "/data/local-files/?d=img/2.jpg"}, "annotations": []},
+        {"id": 4, "data": {"image": "/data/local-files/?d=img/3.jpg"}, **annotated([])},
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    got = read_examples(path, image_root=examples)
+    assert [(Path(ex.image), ex.labels) for ex in got] == [
+        (examples / "img/0.jpg", ("zorkle", "quib")), (examples / "img/1 b.jpg", ("blip",))]  # fmt: skip
+    monkeypatch.chdir(examples)
+    assert [ex.image for ex in read_examples(path)] == ["img/0.jpg", "img/1 b.jpg"]
+    path.write_text(json.dumps({"tasks": []}))
+    with pytest.raises(NxtrecError, match="not a Label Studio JSON export"):
+        read_examples(path)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("exiftool"), reason="exiftool is not installed")
+def test_teach_from_xmp_keywords_people_added(base, examples, tmp_path, capsys):
+    """Sidecars written by exiftool (a person's keywords) and by `nxtrec tag --format xmp`:
+    teach learns the person's keywords only, and the adapter says so."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(examples / "img", photos)
+    assert main(["tag", str(photos), "--out", str(tmp_path / "tags"), "--model", str(base), "--format", "xmp",
+                 "--top-k", "3"]) == 0  # fmt: skip
+    for i, words in [(0, ["zorkle", "quib"]), (1, ["Quib"]), (2, ["blip"])]:
+        image = photos / f"{i}.jpg"
+        subprocess.run(["exiftool", "-q", "-overwrite_original", *[f"-XMP-dc:Subject+={w}" for w in words],
+                        f"{image}.xmp"], check=True)  # fmt: skip
+    out = tmp_path / "adapter"
+    assert main(["teach", "--model", str(base), "--examples", str(photos), "--examples-from", "xmp", "--out", str(out),
+                 "--steps", "2", "--eval-every", "1", "--held-out", "0", "--threads", "1"]) == 0  # fmt: skip
+    info = json.loads((out / ADAPTER_INFO).read_text())
+    assert info["labels"] == ["blip", "quib", "zorkle"]
+    assert info["settings"]["train_examples"] == 3
+    assert "taught blip, quib, zorkle" in capsys.readouterr().out

@@ -1,12 +1,14 @@
-"""Low-rank adapters (LoRA) for a model directory: the layer `nxtrec teach` trains, and the
+"""Low-rank adapters (LoRA) for a model directory: the layers `nxtrec teach` trains, and the
 adapter folder it writes (`adapter.safetensors` + `adapter.json`, docs/teach.md).
 
 An adapter changes a Linear layer's weight W by `scale * B @ A` (A: [rank, in], B: [out,
-rank]). Loading one merges that product into W once (`apply_adapter`), so inference, int8
-quantisation and the ONNX export run the plain model at its usual speed. The layer is written
-here rather than taken from `peft`: peft's injection would work on these nn.Linear layers, but
-it imports transformers (about 5 s) and keeps its own file layout, while all nxtrec needs is
-one extra matmul during training and one merge at load time."""
+rank]), and adds a delta to the output layer's rows of the taught labels' tokens (their
+logits; the rest of the vocabulary is untouched). Loading one merges both into the weights
+once (`apply_adapter`), so inference, int8 quantisation and the ONNX export run the plain
+model at its usual speed. The layers are written here rather than taken from `peft`: peft's
+injection would work on these nn.Linear layers, but it imports transformers (about 5 s) and
+keeps its own file layout, while all nxtrec needs is one extra matmul per layer during
+training and one merge at load time."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from nxtrec.model.files import check_weights
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_INFO = "adapter.json"
-ADAPTER_FORMAT = 1
+ADAPTER_FORMAT = 2  # 2 added the output rows; a format-1 adapter is one without them
+OUTPUT_LAYER = "language_decoder.output"
 DECODER_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
 ENCODER_TARGETS = ("attn.out_proj", "mlp.c_fc", "mlp.c_proj")
@@ -52,6 +55,33 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
+    def trained(self) -> dict[str, nn.Parameter]:
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
+
+    def merge(self) -> None:
+        merge_delta(self.base, self.lora_a.detach(), self.lora_b.detach(), self.scale)
+
+
+class OutputRows(nn.Module):
+    """The output layer plus a trained delta on the rows of some tokens (the taught labels'
+    pieces): it moves those tokens' logits directly, where a low-rank change of the hidden
+    state would move every logit. Starts at zero."""
+
+    def __init__(self, base: nn.Linear, token_ids: list[int]):
+        super().__init__()
+        self.base = base
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.rows = nn.Parameter(torch.zeros(len(token_ids), base.in_features, dtype=base.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x).index_add(-1, self.token_ids, x @ self.rows.t())
+
+    def trained(self) -> dict[str, nn.Parameter]:
+        return {"rows": self.rows}
+
+    def merge(self) -> None:
+        merge_rows(self.base, self.token_ids, self.rows.detach())
+
 
 def target_names(model: nn.Module, encoder_blocks: int = 0) -> list[str]:
     """Module names of the Linear layers an adapter trains: every decoder block's attention and
@@ -69,25 +99,29 @@ def target_names(model: nn.Module, encoder_blocks: int = 0) -> list[str]:
     return names
 
 
-def attach_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
-    """Freeze the model and put a `LoRALinear` in place of each named Linear layer."""
+def attach_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int,
+                output_rows: list[int] = ()) -> dict[str, nn.Module]:
+    """Freeze the model and put a `LoRALinear` in place of each named Linear layer, and an
+    `OutputRows` in place of the output layer when `output_rows` names tokens."""
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    wrapped = {}
+    wrapped: dict[str, nn.Module] = {}
     for name in names:
+        wrapped[name] = LoRALinear(model.get_submodule(name), rank, alpha, generator)
+    if output_rows:
+        wrapped[OUTPUT_LAYER] = OutputRows(model.get_submodule(OUTPUT_LAYER), list(output_rows))
+    for name, layer in wrapped.items():
         parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent)
-        wrapped[name] = LoRALinear(getattr(holder, child), rank, alpha, generator)
-        setattr(holder, child, wrapped[name])
+        setattr(model.get_submodule(parent), child, layer)
     return wrapped
 
 
-def detach_lora(model: nn.Module, wrapped: dict[str, LoRALinear], merge: bool) -> None:
+def detach_lora(model: nn.Module, wrapped: dict[str, nn.Module], merge: bool) -> None:
     """Put the base layers back, with the adapter merged into their weights when `merge`."""
     for name, layer in wrapped.items():
         parent, _, child = name.rpartition(".")
         if merge:
-            merge_delta(layer.base, layer.lora_a.detach(), layer.lora_b.detach(), layer.scale)
+            layer.merge()
         setattr(model.get_submodule(parent), child, layer.base)
 
 
@@ -97,20 +131,24 @@ def merge_delta(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: floa
     linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
 
 
-def lora_state(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    """The trained tensors: `NAME.lora_a`, `NAME.lora_b` per adapted layer."""
-    state = {}
-    for name, layer in wrapped.items():
-        state[f"{name}.lora_a"] = layer.lora_a.detach().clone().contiguous()
-        state[f"{name}.lora_b"] = layer.lora_b.detach().clone().contiguous()
-    return state
+@torch.no_grad()
+def merge_rows(linear: nn.Linear, token_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    ids = token_ids.to(linear.weight.device)
+    linear.weight[ids] = (linear.weight[ids].float() + rows.float().to(linear.weight.device)).to(linear.weight.dtype)
 
 
-def load_lora_state(wrapped: dict[str, LoRALinear], state: dict[str, torch.Tensor]) -> None:
+def lora_state(wrapped: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The trained tensors: `NAME.lora_a`, `NAME.lora_b` per adapted layer, and
+    `language_decoder.output.rows` when the output rows are trained."""
+    return {f"{name}.{part}": p.detach().clone().contiguous()
+            for name, layer in wrapped.items() for part, p in layer.trained().items()}  # fmt: skip
+
+
+def load_lora_state(wrapped: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, layer in wrapped.items():
-            layer.lora_a.copy_(state[f"{name}.lora_a"])
-            layer.lora_b.copy_(state[f"{name}.lora_b"])
+            for part, p in layer.trained().items():
+                p.copy_(state[f"{name}.{part}"])
 
 
 @dataclass
@@ -123,6 +161,7 @@ class AdapterInfo:
     targets: list[str]
     labels: list[str]  # the labels taught
     examples: str  # SHA-256 over the examples (images and labels)
+    output_rows: list[int] = field(default_factory=list)  # token ids whose output-layer rows are adapted
     figures: dict = field(default_factory=dict)  # before/after, measured by teach on held-out examples
     settings: dict = field(default_factory=dict)
     format: int = ADAPTER_FORMAT
@@ -168,13 +207,14 @@ def read_adapter(folder: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tenso
         raise AdapterError(f"{folder}: not an adapter folder (expected {ADAPTER_WEIGHTS} and {ADAPTER_INFO}, "
                            "written by nxtrec teach)")
     info = AdapterInfo.load(folder)
-    if info.format != ADAPTER_FORMAT:
-        raise AdapterError(f"{folder}: adapter format {info.format}; this nxtrec reads format {ADAPTER_FORMAT}")
+    if info.format not in (1, ADAPTER_FORMAT):
+        raise AdapterError(f"{folder}: adapter format {info.format}; this nxtrec reads formats 1-{ADAPTER_FORMAT}")
     try:
         state = load_file(str(folder / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: cannot read safetensors file ({e})") from None
     expected = {f"{t}.{part}" for t in info.targets for part in ("lora_a", "lora_b")}
+    expected |= {f"{OUTPUT_LAYER}.rows"} if info.output_rows else set()
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)[0]
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} does not match {ADAPTER_INFO} (tensor {odd!r})")
@@ -207,6 +247,14 @@ def apply_adapter(model: nn.Module, folder: str | Path, model_dir: str | Path) -
         if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(linear.weight.shape) or a.shape[0] != info.rank:
             raise AdapterError(f"{folder}: layer {name!r} shapes do not match the model")
         merge_delta(linear, a, b, scale)
+    if info.output_rows:
+        output, rows = model.get_submodule(OUTPUT_LAYER), state[f"{OUTPUT_LAYER}.rows"]
+        if not isinstance(output, nn.Linear):
+            raise AdapterError(f"{folder}: the output layer is quantised; apply the adapter to the float model")
+        if rows.shape != (len(info.output_rows), output.in_features) or not all(
+                0 <= i < output.out_features for i in info.output_rows):  # fmt: skip
+            raise AdapterError(f"{folder}: the output rows do not match the model")
+        merge_rows(output, torch.tensor(info.output_rows), rows)
     return info
 
 
@@ -217,7 +265,8 @@ def verify_adapter(folder: str | Path, model_dir: str | Path | None = None) -> s
     if model_dir is not None:
         check_base(info, folder, model_dir)
     size = (folder / ADAPTER_WEIGHTS).stat().st_size
-    return (f"adapter: rank {info.rank}, {len(info.targets)} layers, {sum(t.numel() for t in state.values())} "
+    return (f"adapter: rank {info.rank}, {len(info.targets)} layers, {len(info.output_rows)} output rows, "
+            f"{sum(t.numel() for t in state.values())} "
             f"parameters ({size / 1e6:.2f} MB), teaches {', '.join(info.labels)}; all finite")
 
 

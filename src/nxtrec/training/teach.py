@@ -22,6 +22,7 @@ from nxtrec.inference.recognizer import Recognizer
 from nxtrec.model.adapter import (AdapterInfo, attach_lora, detach_lora, load_lora_state, lora_state,
                                   save_adapter, target_names)  # fmt: skip
 from nxtrec.model.directory import default_model_dir, load_model_dir
+from nxtrec.training.augment import random_views
 from nxtrec.training.step import TrainStep
 from nxtrec.training.teach_data import (Example, ExamplesError, distilled, examples_digest, read_examples,
                                         replay_scenes, split_examples, taught_labels)  # fmt: skip
@@ -38,7 +39,7 @@ class TeachOptions:
     encoder_blocks: int = 0  # also adapt the last N encoder blocks (and the projection)
     steps: int = 300  # at most; early stopping may end sooner
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
     held_out: float = 0.2  # fraction of each label's examples held out
     eval_every: int = 25  # steps between held-out evaluations (and checkpoints)
@@ -46,6 +47,7 @@ class TeachOptions:
     replay: float = 0.5  # fraction of each batch drawn from replay scenes (when any)
     replay_scenes: int | None = None  # None: 400 for the bundled model, 0 otherwise
     distill_min_prob: float = 0.3  # the model's own labels kept as targets from this probability
+    output_rows: bool = True  # also adapt the output layer's rows of the taught labels' tokens
     threads: int = 2
 
 
@@ -71,10 +73,11 @@ class Teacher:
         self.pixels: dict[int, torch.Tensor] = {}  # id(example.image) -> [3, S, S]
         self.data = self._data(examples)
         self.names = target_names(self.model, options.encoder_blocks)
-        self.layers = attach_lora(self.model, self.names, options.rank, options.alpha, options.seed)
+        self.output_rows = label_token_ids(self.tokenizer, self.labels) if options.output_rows else []
+        self.layers = attach_lora(self.model, self.names, options.rank, options.alpha, options.seed, self.output_rows)
         self.model.train()
         self.step_fn = TrainStep(self.model, self.tokenizer.delimiter_id, self.tokenizer.pad_id)
-        params = [p for layer in self.layers.values() for p in (layer.lora_a, layer.lora_b)]
+        params = [p for layer in self.layers.values() for p in layer.trained().values()]
         self.optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
 
     def _data(self, examples: list[Example]) -> TeachData:
@@ -107,15 +110,13 @@ class Teacher:
         rng = random.Random(f"nxtrec-teach/{o.seed}/{step}")
         n_replay = round(o.batch_size * o.replay) if d.replay else 0
         chosen = rng.choices(d.train, k=o.batch_size - n_replay) + (rng.choices(d.replay, k=n_replay) if n_replay else [])
-        pixels = torch.stack([self.pixels[id(ex.image)] for ex in chosen])
-        flips = torch.tensor([rng.random() < 0.5 for _ in chosen])
-        pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
+        pixels = random_views(torch.stack([self.pixels[id(ex.image)] for ex in chosen]), rng)
         return pixels, [ex.labels for ex in chosen], rng
 
     def loss(self, pixels, labels, rng) -> torch.Tensor:
         p = self.model.num_image_tokens
         text = make_text_batch(self.tokenizer, labels, self.model.config.prompt, rng, p, p + MAX_TEXT_TOKENS,
-                               image_token=self.model.config.image_token)  # fmt: skip
+                               image_token=self.model.config.image_token, close_last=True)  # fmt: skip
         total, count = self.step_fn(pixels, text.tokens, text.targets, text.answer_index)
         return total / count.clamp(min=1)
 
@@ -139,10 +140,18 @@ class Teacher:
         return repr((self.info_base, asdict(self.options)))
 
 
-def teach(model_dir, examples_source, out, options: TeachOptions = TeachOptions(), progress: bool = True) -> AdapterInfo:
-    """Train an adapter on the examples at `examples_source` and write it to `out`; resumes
-    from `out`'s checkpoint when one of the same run (same model, examples and options) is
-    there."""
+def label_token_ids(tokenizer, labels: list[str]) -> list[int]:
+    """The vocabulary pieces the labels are written with (as they follow a space in the
+    sequence), less the delimiter and the special tokens: the output rows an adapter trains."""
+    shared = {tokenizer.delimiter_id, *tokenizer.special_ids.values()}
+    return sorted({i for label in labels for i in tokenizer.encode(label)} - shared)
+
+
+def teach(model_dir, examples: str | Path | list[Example], out, options: TeachOptions = TeachOptions(),
+          progress: bool = True) -> AdapterInfo:
+    """Train an adapter on `examples` (a list, or a source `read_examples` reads as "auto")
+    and write it to `out`; resumes from `out`'s checkpoint when one of the same run (same
+    model, examples and options) is there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExamplesError(f"{out}: exists and is not a folder; choose another --out")
@@ -151,7 +160,8 @@ def teach(model_dir, examples_source, out, options: TeachOptions = TeachOptions(
     torch.use_deterministic_algorithms(True)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        teacher = Teacher(model_dir, read_examples(examples_source), out, options)
+        examples = read_examples(examples) if isinstance(examples, (str, Path)) else list(examples)
+        teacher = Teacher(model_dir, examples, out, options)
         loop = TrainingState.start(teacher)
         loop.run(progress)
         return finish(teacher, loop)
@@ -234,7 +244,8 @@ def finish(teacher: Teacher, loop: TrainingState) -> AdapterInfo:
     settings = {k: v for k, v in asdict(o).items() if k != "threads"}
     settings.update(train_examples=len(d.train), held_out_examples=len(d.held), replay_scenes=len(d.replay))
     info = AdapterInfo(rank=o.rank, alpha=o.alpha, targets=teacher.names, labels=teacher.labels,
-                       figures=figures, settings=settings, **teacher.info_base)  # fmt: skip
+                       output_rows=teacher.output_rows, figures=figures, settings=settings,
+                       **teacher.info_base)  # fmt: skip
     save_adapter(teacher.out, best, info)
     (teacher.out / STATE_FILE).unlink(missing_ok=True)
     return info

@@ -1,6 +1,7 @@
-"""The examples `nxtrec teach` learns from: read from a JSONL file or a folder of folders,
-digested, split into training and held-out examples, and completed with what the model
-already says about them (self-distillation) and with replay scenes (docs/teach.md)."""
+"""The examples `nxtrec teach` learns from: read from a JSONL file, a folder of label folders,
+a Label Studio export or XMP sidecars, digested, split into training and held-out examples,
+and completed with what the model already says about them (self-distillation) and with
+replay scenes (docs/teach.md)."""
 
 from __future__ import annotations
 
@@ -24,25 +25,57 @@ class Example:
     labels: tuple[str, ...]
 
 
-def read_examples(source: str | Path) -> list[Example]:
-    """`source`: a JSONL file of `{"image": PATH, "labels": [...]}` (paths relative to the
-    file), or a folder with one sub-folder per label holding that label's images."""
+SOURCES = ("auto", "jsonl", "folders", "labelstudio", "xmp")
+
+
+def read_examples(source: str | Path, kind: str = "auto", image_root: str | Path | None = None,
+                  xmp_name: str = "image") -> list[Example]:
+    """The examples at `source`, read as `kind` ("auto": a folder is a folder of label
+    folders, a `.json` file a Label Studio export, another file JSONL):
+    - jsonl: `{"image": PATH, "labels": [...]}` per line, paths relative to the file;
+    - folders: one sub-folder per label holding that label's images;
+    - labelstudio: a Label Studio JSON export, each annotated task's choices (or taxonomy
+      leaves) as its labels; images by their ids (`nxtrec export labelstudio` tasks) or
+      local-file URLs, relative to `image_root` (default: the current folder);
+    - xmp: the images in a folder (or the one image) whose XMP sidecars hold keywords that
+      nxtrec did not write (`nxtrec import xmp`), those keywords as labels."""
     source = Path(source)
-    if source.is_dir():
+    if not source.exists():
+        raise ExamplesError(f"{source}: no such file or folder (give a JSONL file, a folder of label folders, "
+                            "a Label Studio export or a folder of images with XMP sidecars)")
+    if kind == "auto":
+        kind = "folders" if source.is_dir() else "labelstudio" if source.suffix.lower() == ".json" else "jsonl"
+    if kind == "folders":
+        if not source.is_dir():
+            raise ExamplesError(f"{source}: not a folder (--examples-from folders reads one sub-folder per label)")
         examples = [Example(image, (_label_of(sub.name),))
                     for sub in sorted(p for p in source.iterdir() if p.is_dir()) for image in list_images([sub])]
-    elif source.is_file():
-        examples = [_jsonl_example(source, n, line) for n, line in enumerate(source.read_text().splitlines(), 1)
+    elif kind == "jsonl":
+        examples = [_jsonl_example(source, n, line) for n, line in enumerate(_text(source).splitlines(), 1)
                     if line.strip()]  # fmt: skip
+    elif kind == "labelstudio":
+        examples = _labelstudio_examples(source, Path(image_root or "."))
     else:
-        raise ExamplesError(f"{source}: no such file or folder (give a JSONL file or a folder of label folders)")
+        examples = _xmp_examples(source, xmp_name)
     if not examples:
-        raise ExamplesError(f"{source}: no examples found (a JSONL of {{image, labels}} or one folder per label)")
+        raise ExamplesError(f"{source}: no examples found (read as {kind}; see `nxtrec teach --help`)")
     return examples
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExamplesError(f"{path}: cannot read ({e})") from None
 
 
 def _label_of(folder_name: str) -> str:
     return " ".join(folder_name.replace("_", " ").split()).lower()
+
+
+def _clean(labels) -> tuple[str, ...]:
+    """Lower-case, whitespace collapsed, empty ones and repeats dropped, order kept."""
+    return tuple(dict.fromkeys(" ".join(str(x).split()).lower() for x in labels if str(x).strip()))
 
 
 def _jsonl_example(path: Path, n: int, line: str) -> Example:
@@ -51,12 +84,34 @@ def _jsonl_example(path: Path, n: int, line: str) -> Example:
         image, labels = row["image"], row["labels"]
     except (ValueError, KeyError, TypeError):
         raise ExamplesError(f"{path}:{n}: expected a JSON object with \"image\" and \"labels\"") from None
-    if isinstance(labels, str):
-        labels = [labels]
-    labels = tuple(" ".join(str(x).split()).lower() for x in labels if str(x).strip())
+    labels = _clean([labels] if isinstance(labels, str) else labels)
     if not labels:
         raise ExamplesError(f"{path}:{n}: no labels")
     return Example(str(path.parent / image), labels)
+
+
+def _labelstudio_examples(source: Path, image_root: Path) -> list[Example]:
+    """Tasks without an annotation, or whose annotation chose nothing, teach nothing: left out."""
+    from urllib.parse import unquote
+
+    from nxtrec.data.labelstudio import LOCAL_FILES, ground_truth
+
+    try:
+        export = json.loads(_text(source))
+    except ValueError as e:
+        raise ExamplesError(f"{source}: not JSON ({e}); export the Label Studio project as JSON") from None
+    rows, _ = ground_truth(export, str(source))
+    images = [unquote(r["image"][len(LOCAL_FILES):]) if r["image"].startswith(LOCAL_FILES) else r["image"]
+              for r in rows]  # fmt: skip
+    return [Example(str(image_root / image), _clean(r["gt"])) for image, r in zip(images, rows) if _clean(r["gt"])]
+
+
+def _xmp_examples(source: Path, naming: str) -> list[Example]:
+    from nxtrec.data.xmp import ground_truth
+
+    images = list_images([source])
+    rows, _ = ground_truth([(image, image) for image in images], naming)
+    return [Example(r["image"], _clean(r["gt"])) for r in rows if _clean(r["gt"])]
 
 
 def taught_labels(examples: list[Example]) -> list[str]:

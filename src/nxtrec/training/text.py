@@ -38,11 +38,14 @@ def make_text_batch(
     padding: str = "longest",
     span: str = "text",
     image_token: str = "<|image|>",
+    close_last: bool = False,
 ) -> TextBatch:
     """Encode `image_token + template + " " + ", ".join(shuffled labels)` with BOS and EOS,
     swap the first two ids, truncate to `max_seq_len` in all, pad, and build the targets:
     the next token at every text position, except padding and EOS; with `span="answer"`
-    only from the last prompt token on."""
+    only from the last prompt token on. `close_last`: end the last label with the delimiter too
+    (EOS is no target, so a label only ever seen alone would never learn where it ends, and
+    one-shot sampling ends a label at the delimiter)."""
     p = num_image_tokens
     prompt = tokenizer.prompt_ids(image_token, template)
     room = max_seq_len - p
@@ -55,7 +58,8 @@ def make_text_batch(
     for labs in labels:
         labs = list(labs)
         rng.shuffle(labs)
-        ids = tokenizer.encode(image_token + template + " " + ", ".join(labs), bos=True, eos=True)
+        text = ", ".join(labs) + ("," if close_last and labs else "")
+        ids = tokenizer.encode(image_token + template + " " + text, bos=True, eos=True)
         ids[0], ids[1] = ids[1], ids[0]
         if ids[: len(prompt)] != prompt:
             raise TrainError(f"the tokenizer merges the prompt {template!r} with the labels that follow it")

@@ -245,6 +245,14 @@ def test_an_adapter_turns_off_the_base_models_own_calibration(base, examples, ad
     assert confidences(adapter=str(adapter)) == [None] * 3
     explicit = confidences(adapter=str(adapter), calibration=str(model / CALIBRATION_FILE))
     assert all(c is not None for c in explicit)
+    # tag decides the same before the model loads: no calibration in the manifest or records
+    tags = tmp_path / "tags"
+    base_args = ["tag", str(examples / "img"), "--model", str(model), "--adapter", str(adapter), "--top-k", "3"]
+    assert main([*base_args, "--out", str(tags)]) == 0
+    assert "confidence" not in json.loads((tags / "manifest.json").read_text())["settings"]["options"]
+    assert "confidence" not in (tags / "part-00000.jsonl").read_text()
+    assert main([*base_args, "--out", str(tmp_path / "refused"), "--min-confidence", "0.5"]) == 2
+    assert not (tmp_path / "refused" / "part-00000.jsonl").exists()
 
 
 def test_examples_from_a_label_studio_export(examples, tmp_path, monkeypatch):

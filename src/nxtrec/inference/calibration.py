@@ -125,12 +125,13 @@ def _check_values(c: Calibration) -> None:
 
 
 def calibration_for(model_dir: str | Path | None, file: str | Path | None = None,
-                    digest: str | None = None) -> Calibration | None:  # fmt: skip
+                    digest: str | None = None, adapted: bool = False) -> Calibration | None:  # fmt: skip
     """The calibration of a model: `file`, else the model directory's calibration.json, else
-    None (also for `file=False`: none wanted). It must have been fitted for this model: its
-    digest is compared with `digest` (default: the model directory's, computed here); another
-    model's is refused."""
-    if file is False:
+    None (also for `file=False`: none wanted). `adapted`: the model is loaded with an adapter
+    (`nxtrec teach`), which its directory's calibration does not describe: only `file` then.
+    It must have been fitted for this model: its digest is compared with `digest` (default:
+    the model directory's, computed here); another model's is refused."""
+    if file is False or (file is None and adapted):
         return None
     if file is None:
         if model_dir is None or not (Path(model_dir) / CALIBRATION_FILE).is_file():

@@ -69,8 +69,7 @@ class Recognizer:
             optimize_for_cpu(model, dtype)
         name = path.resolve().name + (f"+{Path(adapter).resolve().name}" if adapter else "")
         recognizer = cls(model, tokenizer, device, name=name)
-        # the directory's own calibration describes the base model, not the base with an adapter
-        recognizer.calibration = calibration_for(path, False if adapter and calibration is None else calibration)
+        recognizer.calibration = calibration_for(path, calibration, adapted=bool(adapter))
         return recognizer
 
     @property

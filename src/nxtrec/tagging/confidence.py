@@ -12,9 +12,11 @@ from nxtrec.inference.calibration import (
 )
 
 
-def job_calibration(model: str | None, onnx: str | None, file: str | None) -> Calibration | None:
-    """The calibration the engine of `load_engine(model, onnx, calibration=file)` will use;
-    every check is made here too, so that a bad calibration fails before any work."""
+def job_calibration(model: str | None, onnx: str | None, file: str | None,
+                    adapter: str | None = None) -> Calibration | None:  # fmt: skip
+    """The calibration the engine of `load_engine(model, onnx, calibration=file,
+    adapter=adapter)` will use; every check is made here too, so that a bad calibration fails
+    before any work."""
     if onnx:
         from nxtrec.onnx.calibration import export_calibration
         from nxtrec.onnx.format import MANIFEST
@@ -26,15 +28,15 @@ def job_calibration(model: str | None, onnx: str | None, file: str | None) -> Ca
         from nxtrec.model.directory import default_model_dir
 
         model = str(default_model_dir())
-    return calibration_for(model, file)
+    return calibration_for(model, file, adapted=bool(adapter))
 
 
 def tag_confidence_settings(opts) -> dict:
     """{"confidence": {...}} for a job's settings when it has a calibration, else {}; the
-    options need one (TagOptions: model, onnx, calibration, min_confidence, profile)."""
+    options need one (TagOptions: model, onnx, calibration, adapter, min_confidence, profile)."""
     from nxtrec.inference.calibration import check_confidence_options
 
-    calibration = job_calibration(opts.model, opts.onnx, opts.calibration)
+    calibration = job_calibration(opts.model, opts.onnx, opts.calibration, opts.adapter)
     check_confidence_options(opts.min_confidence, opts.profile, calibration)
     settings = confidence_settings(calibration, opts.min_confidence, opts.profile)
     return {"confidence": settings} if settings else {}

@@ -14,11 +14,15 @@ CHUNK_BYTES = 1 << 22
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+def _feed(digest, path: str | Path) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, path)
     return digest.hexdigest()
 
 
@@ -31,7 +35,5 @@ def model_digest(model_dir: str | Path) -> str:
         if not path.is_file():
             raise NxtrecError(f"{model_dir}: {name} is missing; cannot compute the model's digest")
         digest.update(name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                digest.update(chunk)
+        _feed(digest, path)
     return digest.hexdigest()

@@ -5,6 +5,7 @@ tasks with predictions (DIR/tasks.json) and the labelling config of a matching p
 from __future__ import annotations
 
 from nxtrec.cli.options import existing_dir
+from nxtrec.data.labelstudio import LOCAL_FILES
 
 
 def register(sub) -> None:
@@ -13,7 +14,7 @@ def register(sub) -> None:
     ls = targets.add_parser("labelstudio", help="Label Studio tasks with predictions, and the labelling config")
     ls.add_argument("tags_dir", type=existing_dir, help="a folder written by `nxtrec tag`")
     ls.add_argument("--out", required=True, help="folder for tasks.json and config.xml")
-    ls.add_argument("--image-url", default="/data/local-files/?d=",
+    ls.add_argument("--image-url", default=LOCAL_FILES,
                     help="prefix of each task's image URL, followed by the image's id (Label Studio's local files: "
                          "ids relative to LOCAL_FILES_DOCUMENT_ROOT)")
     ls.add_argument("--control", default="choices", choices=["choices", "taxonomy"],

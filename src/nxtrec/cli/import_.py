@@ -5,6 +5,8 @@ that nxtrec did not write) as the ground-truth JSONL that `nxtrec score --gt` re
 
 from __future__ import annotations
 
+from nxtrec.data.xmp import SIDECAR_NAMES
+
 
 def register(sub) -> None:
     p = sub.add_parser("import", help="people's labels from another tool as ground truth for `nxtrec score --gt`")
@@ -16,7 +18,7 @@ def register(sub) -> None:
     xmp = sources.add_parser("xmp", help="the keywords of the images' XMP sidecars that nxtrec did not add")
     xmp.add_argument("inputs", nargs="+", help="image files, folders (recursive) and globs, as given to `nxtrec tag`")
     xmp.add_argument("--out", required=True, help="ground-truth JSONL: {\"image\": ID, \"gt\": [...]} per image")
-    xmp.add_argument("--xmp-name", default="image", choices=["image", "stem"],
+    xmp.add_argument("--xmp-name", default="image", choices=SIDECAR_NAMES,
                      help="sidecar photo.jpg.xmp or photo.xmp, as `nxtrec tag --xmp-name`")
     xmp.set_defaults(func=run_xmp)
 
@@ -35,17 +37,9 @@ def _write(rows: list[dict], out: str, what: str, left_out: int) -> int:
 
 
 def run_labelstudio(args) -> int:
-    import json
+    from nxtrec.data.labelstudio import ground_truth, read_export
 
-    from nxtrec.data.labelstudio import ground_truth
-    from nxtrec.errors import NxtrecError
-
-    try:
-        with open(args.export, encoding="utf-8") as f:
-            export = json.load(f)
-    except (OSError, ValueError) as e:
-        raise NxtrecError(f"{args.export}: cannot read a JSON export ({e})") from None
-    rows, unannotated = ground_truth(export, args.export)
+    rows, unannotated = ground_truth(read_export(args.export), args.export)
     return _write(rows, args.out, "tasks without an annotation left out", unannotated)
 
 

@@ -16,6 +16,7 @@ from nxtrec.cli.options import (
 )
 from nxtrec.cli.confidence_options import add_confidence_arguments
 from nxtrec.cli.vocab_options import add_vocab_arguments
+from nxtrec.data.xmp import SIDECAR_NAMES
 from nxtrec.errors import NxtrecError
 
 
@@ -38,7 +39,7 @@ def register(sub) -> None:
                    help="part files: one JSON record per image, or id,label,prob rows, or Parquet; xmp: JSONL parts "
                         "and an XMP sidecar beside each image; hf: JSONL parts and the imagefolder's metadata.jsonl "
                         "(docs/formats.md)")
-    p.add_argument("--xmp-name", default="image", choices=["image", "stem"],
+    p.add_argument("--xmp-name", default="image", choices=SIDECAR_NAMES,
                    help="--format xmp: sidecar photo.jpg.xmp (digiKam, darktable) or photo.xmp (Lightroom)")
     p.add_argument("--xmp-parent", default="nxtrec", help="--format xmp: parent of nxtrec's hierarchical keywords")
     p.add_argument("--maps", action="store_true",

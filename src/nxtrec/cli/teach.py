@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from nxtrec.cli.options import fraction, int_at_least, non_negative_int, positive_float, positive_int, probability
+from nxtrec.data.xmp import SIDECAR_NAMES
 from nxtrec.training.teach_data import SOURCES
 
 
@@ -22,7 +23,7 @@ def register(sub) -> None:
                    "export, another file JSONL); xmp: the keywords people added to the images' sidecars")
     p.add_argument("--image-root", metavar="DIR", help="Label Studio: the folder the tasks' image ids and "
                    "local-file paths are relative to (default: the current folder)")
-    p.add_argument("--xmp-name", default="image", choices=["image", "stem"],
+    p.add_argument("--xmp-name", default="image", choices=SIDECAR_NAMES,
                    help="sidecar photo.jpg.xmp or photo.xmp, as `nxtrec tag --xmp-name` (default image)")
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="adapter folder to write")
     p.add_argument("--rank", type=positive_int, default=8, help="adapter rank (default 8)")

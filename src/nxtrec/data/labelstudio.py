@@ -10,10 +10,11 @@ sorts tasks by it: the least sure first)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from nxtrec.data.xmp import xml_text
 from nxtrec.errors import NxtrecError
@@ -58,6 +59,21 @@ def task(record: dict, model_version: str, image_url: str = LOCAL_FILES, control
         prediction["meta"] = {"confidence": {xml_text(lab["label"]): lab.get("confidence") for lab in record["labels"]}}
     return {"data": {"image": image_url + quote(record["id"], safe="/"), "nxtrec_id": record["id"]},
             "predictions": [prediction]}  # fmt: skip
+
+
+def read_export(path) -> list:
+    """The tasks of a Label Studio JSON export; an unreadable file is one LabelStudioError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise LabelStudioError(f"{path}: cannot read a JSON export ({e}); export the Label Studio project as JSON") from None
+
+
+def image_path(image: str) -> str:
+    """The file a task's image id names: nxtrec's id as it is, a local-file URL (`task`'s
+    default) without its prefix and quoting."""
+    return unquote(image[len(LOCAL_FILES):]) if image.startswith(LOCAL_FILES) else image
 
 
 def _annotation(entry: dict) -> dict | None:

@@ -30,7 +30,6 @@ FORMAT = "nxtrec-calibration"
 FORMAT_VERSION = 1
 METHODS = ("isotonic", "platt")
 PROFILES = ("precision", "balanced", "recall")
-# The files of a model directory that its digest covers (nxtrec.model.files names them too).
 LOGIT_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before the logit of Platt scaling
 
 
@@ -68,6 +67,10 @@ class Calibration:
         if profile not in self.thresholds:
             raise CalibrationError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
         return float(self.thresholds[profile])
+
+    def floor(self, min_confidence: float = 0.0, profile: str | None = None) -> float:
+        """The lowest confidence kept: `min_confidence` or the profile's threshold, the higher."""
+        return max(min_confidence, self.threshold(profile) if profile else 0.0)
 
     def summary(self) -> dict:
         """What serve's /v1/info and the tag manifest show."""
@@ -168,7 +171,7 @@ def add_confidence(labels: list[Label], calibration: Calibration | None, min_con
     threshold (the higher of the two) dropped; the labels unchanged without a calibration."""
     if calibration is None:
         return labels
-    floor = max(min_confidence, calibration.threshold(profile) if profile else 0.0)
+    floor = calibration.floor(min_confidence, profile)
     for label, conf in zip(labels, calibration.confidence([lab.prob for lab in labels])):
         label.confidence = float(conf)
     # compared as written out (`rounded`), as keep_labels compares prob
@@ -180,5 +183,5 @@ def confidence_settings(calibration: Calibration | None, min_confidence: float =
     record them ({} without a calibration)."""
     if calibration is None:
         return {}
-    floor = max(min_confidence, calibration.threshold(profile) if profile else 0.0)
-    return {"calibration": calibration.summary(), "profile": profile, "min_confidence": floor}
+    return {"calibration": calibration.summary(), "profile": profile,
+            "min_confidence": calibration.floor(min_confidence, profile)}

@@ -152,7 +152,6 @@ def _fetch_into(url: str, part: Path) -> None:
         raise http.client.IncompleteRead(b"", expected - received)
 
 
-
 def hf_fetch(repo_id: str, filename: str, token: str | None, cache: Path | None) -> Path:
     """A file of a Hugging Face repository through the Hugging Face cache."""
     try:

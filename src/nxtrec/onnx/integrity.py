@@ -15,7 +15,6 @@ from nxtrec.errors import NxtrecError
 from nxtrec.onnx.format import MANIFEST
 
 
-
 class IntegrityError(NxtrecError):
     pass
 

@@ -11,8 +11,6 @@ import io
 
 from nxtrec.inference.ranking import rounded
 
-LABEL_FIELDS = ("label", "prob", "confidence")  # confidence: only when a label has one
-
 
 def _schema(records: list[dict]):
     import pyarrow as pa

@@ -92,18 +92,10 @@ def _jsonl_example(path: Path, n: int, line: str) -> Example:
 
 def _labelstudio_examples(source: Path, image_root: Path) -> list[Example]:
     """Tasks without an annotation, or whose annotation chose nothing, teach nothing: left out."""
-    from urllib.parse import unquote
+    from nxtrec.data.labelstudio import ground_truth, image_path, read_export
 
-    from nxtrec.data.labelstudio import LOCAL_FILES, ground_truth
-
-    try:
-        export = json.loads(_text(source))
-    except ValueError as e:
-        raise ExamplesError(f"{source}: not JSON ({e}); export the Label Studio project as JSON") from None
-    rows, _ = ground_truth(export, str(source))
-    images = [unquote(r["image"][len(LOCAL_FILES):]) if r["image"].startswith(LOCAL_FILES) else r["image"]
-              for r in rows]  # fmt: skip
-    return [Example(str(image_root / image), _clean(r["gt"])) for image, r in zip(images, rows) if _clean(r["gt"])]
+    rows, _ = ground_truth(read_export(source), str(source))
+    return [Example(str(image_root / image_path(r["image"])), _clean(r["gt"])) for r in rows if _clean(r["gt"])]
 
 
 def _xmp_examples(source: Path, naming: str) -> list[Example]:
